@@ -1,0 +1,102 @@
+"""`pipeline run | stats | train`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from pipeline.config import CONFIG_DIR, ConfigError, load_config
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """csm-corpus: conversational audio -> CSM training corpus, and its trainer."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1)
+@click.option("--output", "-o", required=True, help="Corpus directory (local path or URI).")
+@click.option("--config", "-c", "config_files", multiple=True, help="YAML overrides (repeatable).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one config key, e.g. asr.batch_size=16.")
+@click.option("--address", default=None, help="Join a Ray cluster: auto or HOST:PORT. Default: a local instance.")
+@click.option("--allow-config-change", is_flag=True, help="Add to a corpus made with a different config.")
+def run(inputs, output, config_files, sets, address, allow_config_change) -> None:
+    """Process INPUTS (files, directories, globs, .txt lists, URIs) into a corpus at OUTPUT.
+
+    With no INPUTS: the embedded default corpus (pyannote's sample conversation)."""
+    from pipeline.corpus import check_config, completed_sources, write_run_json
+    from pipeline.inputs import embedded_default, expand_inputs
+    from pipeline.ray_runner import build_stages, run_pipeline
+    from stages.write import OutputDir
+
+    embedded = not inputs
+    files = ([str(CONFIG_DIR / "embedded.yaml")] if embedded else []) + list(config_files)
+    try:
+        config = load_config(files, list(sets))
+        found = expand_inputs(list(inputs) or embedded_default())
+    except (ConfigError, FileNotFoundError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    config.write.output = output
+    out = OutputDir(output)
+    out.makedirs()
+    try:
+        check_config(out, config, allow_config_change)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    done = completed_sources(out)
+    todo = [i for i in found if i.uri not in done]
+    click.echo(
+        f"[csm-corpus] {len(found)} inputs ({len(found) - len(todo)} already done), output {out.root}"
+        + (" — embedded default corpus" if embedded else ""),
+        err=True,
+    )
+    summary = run_pipeline([i.uri for i in todo], [i.size for i in todo], config, address)
+    stages = {s.name: s.describe() for s in build_stages(config)}
+    stages.update(summary.pop("models"))
+    run = write_run_json(out, config, summary, {"embedded_default": embedded, "inputs_skipped_done": len(found) - len(todo), "models": stages})
+    click.echo(
+        f"[csm-corpus] done: {run['counts'].get('samples', 0)} samples from {run['audio_hours'] * 3600:.1f} s of audio "
+        f"in {run['wall_seconds']:.1f} s ({run['real_time_factor']:.2f}x real time); "
+        f"{sum(run['errors_by_type'].values())} errors; see {out.path('run.json')}",
+        err=True,
+    )
+    codec = stages.get("codec") or {}
+    if codec and not codec.get("released", True):
+        click.echo(f"[csm-corpus] WARNING: codes come from {codec.get('weights')}, not the released Mimi weights.", err=True)
+
+
+@main.command()
+@click.argument("directory")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def stats(directory: str, as_json: bool) -> None:
+    """What is in the corpus at DIRECTORY."""
+    from pipeline.stats import corpus_stats, format_stats
+
+    if "://" not in directory and not os.path.isdir(directory):
+        raise click.UsageError(f"no corpus at {directory}")
+    s = corpus_stats(directory)
+    click.echo(json.dumps(s, indent=1, sort_keys=True) if as_json else format_stats(s))
+
+
+def _register_train() -> None:
+    try:
+        from train.cli import train
+    except ImportError as exc:  # the trainer is optional at import time; say why if it is missing
+        @main.command(name="train")
+        def train_missing() -> None:
+            """(unavailable)"""
+            raise click.ClickException(f"trainer unavailable: {exc}")
+        return
+    main.add_command(train, name="train")
+
+
+_register_train()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The stage contract. The base class owns batching, per-item error capture, timing and counters,
+so a stage only implements `setup()` (load models, heavy imports) and `process(chunk)`.
+
+Nothing here knows about Ray: `pipeline/ray_runner.py` turns any stage into Ray work, and a stage
+can be run directly (tests, notebooks, the sequential baseline) with `run_stages`.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Iterator
+
+from stages.records import Chunk
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs; the Ray adapter turns this into actor-pool options."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    actors: int = 1  # pool size; model stages load their model once per actor
+    batch_size: int = 1  # chunks per call
+    uses_model: bool = False  # actor pool (True) or stateless tasks (False)
+
+
+def process_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def torch_threads(cpus: float) -> int:
+    """Intra-op threads for a worker declared with `cpus`, so workers don't oversubscribe cores."""
+    return max(1, min(int(round(cpus)), os.cpu_count() or 1))
+
+
+class Stage:
+    name: ClassVar[str]
+    handles_done: ClassVar[bool] = False  # also called for failed/rejected chunks (the writer)
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.counters: Counter[str] = Counter()
+        self._ready = False
+
+    def resources(self) -> Resources:
+        return Resources(cpus=0.25, uses_model=False)
+
+    def setup(self) -> None:
+        """Load models. Called once per worker, before the first batch."""
+
+    def describe(self) -> dict[str, Any]:
+        """Identity of what this stage runs (model, weights, device), for run.json and samples."""
+        return {}
+
+    def process(self, chunk: Chunk) -> Chunk:
+        raise NotImplementedError
+
+    def process_batch(self, chunks: list[Chunk]) -> list[Chunk]:
+        if not self._ready:
+            self.setup()
+            self._ready = True
+        out = []
+        for chunk in chunks:
+            if chunk.done and not self.handles_done:  # failed or rejected upstream: pass through
+                out.append(chunk)
+                continue
+            wall, cpu = time.perf_counter(), process_cpu_seconds()
+            try:
+                chunk = self.process(chunk)
+                self.counters["ok"] += 1
+            except Exception as exc:  # recorded, never lost: the writer turns it into errors/
+                chunk.fail(self.name, exc)
+                self.counters[f"error:{type(exc).__name__}"] += 1
+            chunk.timings[self.name] = chunk.timings.get(self.name, 0.0) + time.perf_counter() - wall
+            chunk.cpu_times[self.name] = chunk.cpu_times.get(self.name, 0.0) + process_cpu_seconds() - cpu
+            out.append(chunk)
+        return out
+
+
+def run_stages(chunks: Iterable[Chunk], stages: list[Stage]) -> Iterator[Chunk]:
+    """Run stages one chunk at a time in this process (no Ray)."""
+    for chunk in chunks:
+        batch = [chunk]
+        for stage in stages:
+            batch = stage.process_batch(batch)
+        yield from batch

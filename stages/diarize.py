@@ -1,0 +1,440 @@
+"""diarize: who spoke when, as `Turn`s in source seconds.
+
+Two ways to get speakers:
+- channels: a call recording with one speaker per channel. The channels *are* the speakers, so
+  turns come straight from per-channel VAD; detected from how little the channels' speech overlaps
+  and how uncorrelated the signals are (a stereo mix of one conversation has both high).
+- diarization on the mono mix with pyannote.audio's `SpeakerDiarization`:
+  * `pipeline` set (hub id such as `pyannote/speaker-diarization-community-1`, or a local
+    directory with `config.yaml`): that pipeline, token from HF_TOKEN / HUGGINGFACE_TOKEN;
+  * `pipeline` unset: an offline diarizer built from what installs from the package index, the
+    pyannote segmentation model shipped in whisperx plus the resemblyzer GE2E speaker encoder,
+    wired through pyannote's own public constructor (a `Model` instance as `embedding`) with
+    agglomerative clustering.
+
+Labels are "S0", "S1", ... in order of first speech within the chunk. Chunks of one source are
+diarized independently (a window never spans two chunks), so labels are consistent within a
+chunk; the speaker centroids are kept in `chunk.custom` for anyone linking chunks later.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.base import Resources, Stage, torch_threads
+from stages.records import ANALYSIS_RATE, Chunk, Region, Turn
+
+COMMUNITY_PIPELINE = "pyannote/speaker-diarization-community-1"
+OFFLINE_NAME = "offline-pyannote-segmentation+resemblyzer"
+
+
+@dataclass
+class DiarizeConfig:
+    # Hub id or local directory of a pyannote pipeline (production: COMMUNITY_PIPELINE).
+    # None: the offline diarizer (whisperx's pyannote segmentation + resemblyzer).
+    pipeline: str | None = None
+    # Offline diarizer. Threshold is a cosine distance between cluster centroids; tuned on
+    # pyannote's sample and synthetic two-voice conversations (bench/bench_diarize.py).
+    threshold: float = 0.45
+    segmentation_threshold: float = 0.5  # onset of the multi-label segmentation model
+    min_cluster_size: int = 3
+    segmentation_step: float = 0.1  # fraction of the 5 s segmentation window
+    embedding_exclude_overlap: bool = False  # embed only frames where one speaker talks
+    segmentation_model: str | None = None  # None: whisperx/assets/pytorch_model.bin
+    speaker_encoder: str | None = None  # None: resemblyzer/pretrained.pt
+    min_duration_off: float = 0.0  # fill gaps shorter than this inside one speaker's turn
+    min_speakers: int | None = None
+    max_speakers: int | None = None
+    batch_size: int = 32
+    # Channels: "auto" decides per chunk; True/False force it.
+    channels_as_speakers: str | bool = "auto"
+    max_channel_overlap: float = 0.3  # speech on >1 channel / speech on any channel
+    max_channel_correlation: float = 0.5  # |Pearson| of the channels' samples
+    min_channel_speech: float = 1.0  # seconds of speech each of two channels must have
+    device: str | None = None  # None: cuda when available
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+# --- pure helpers -----------------------------------------------------------------------------
+
+
+def first_speech_names(turns: list[Turn]) -> dict[str, str]:
+    """{old label: "S<i>"} with i the speaker's rank by first speech (ties by end, then label)."""
+    names: dict[str, str] = {}
+    for t in sorted(turns, key=lambda t: (t.start, t.end, t.speaker)):
+        names.setdefault(t.speaker, f"S{len(names)}")
+    return names
+
+
+def relabel_by_first_speech(turns: list[Turn]) -> list[Turn]:
+    """Sort turns by time and rename speakers S0, S1, ... in order of first speech (deterministic)."""
+    names = first_speech_names(turns)
+    return [Turn(t.start, t.end, names[t.speaker]) for t in sorted(turns, key=lambda t: (t.start, t.end, t.speaker))]
+
+
+def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
+    return max(0.0, min(a1, b1) - max(a0, b0))
+
+
+def _merge(regions: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for s, e in sorted(regions):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def assign_speaker(start: float, end: float, turns: list[Turn]) -> tuple[str | None, float]:
+    """Speaker whose turns overlap [start, end) the most, and for how long another speaker's turns
+    overlap it (seconds, union of the other speakers' turns). (None, 0.0) when nothing overlaps."""
+    per_speaker: dict[str, list[tuple[float, float]]] = {}
+    for t in turns:
+        if _overlap(start, end, t.start, t.end) > 0:
+            per_speaker.setdefault(t.speaker, []).append((max(start, t.start), min(end, t.end)))
+    if not per_speaker:
+        return None, 0.0
+    merged = {s: _merge(r) for s, r in per_speaker.items()}
+    covered = {s: sum(e - b for b, e in r) for s, r in merged.items()}
+    # ties broken by label so the answer doesn't depend on turn order
+    best = max(sorted(covered), key=lambda s: covered[s])
+    others = _merge([r for s, rs in merged.items() if s != best for r in rs])
+    return best, float(sum(e - b for b, e in others))
+
+
+def regions_to_turns(channel_speech: list[list[Region]]) -> list[Turn]:
+    """Channel c's speech regions become turns of speaker f"ch{c}" (relabelled by the caller)."""
+    return [Turn(r.start, r.end, f"ch{c}") for c, regions in enumerate(channel_speech) for r in regions]
+
+
+def _total(regions: list[tuple[float, float]]) -> float:
+    return float(sum(e - s for s, e in regions))
+
+
+def channel_overlap_ratio(channel_speech: list[list[Region]]) -> float:
+    """Time with speech on two or more channels over time with speech on any channel."""
+    events = sorted(
+        [(r.start, 1) for rs in channel_speech for r in rs] + [(r.end, -1) for rs in channel_speech for r in rs]
+    )
+    # ends before starts at the same instant: touching regions don't overlap
+    events.sort(key=lambda x: (x[0], x[1]))
+    active, last, any_time, multi_time = 0, 0.0, 0.0, 0.0
+    for t, d in events:
+        if active >= 1:
+            any_time += t - last
+        if active >= 2:
+            multi_time += t - last
+        active, last = active + d, t
+    return multi_time / any_time if any_time > 0 else 0.0
+
+
+def channel_correlation(audio: np.ndarray) -> float:
+    """Largest |Pearson correlation| between any two channels' samples ([channels, samples])."""
+    if audio.shape[0] < 2 or audio.shape[1] < 2:
+        return 0.0
+    x = audio.astype(np.float64)
+    x = x - x.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(x, axis=1)
+    best = 0.0
+    for i in range(x.shape[0]):
+        for j in range(i + 1, x.shape[0]):
+            if norms[i] > 0 and norms[j] > 0:
+                best = max(best, abs(float(x[i] @ x[j]) / (norms[i] * norms[j])))
+    return best
+
+
+def decide_channel_mode(
+    audio: np.ndarray, channel_speech: list[list[Region]], config: DiarizeConfig
+) -> tuple[bool, dict[str, Any]]:
+    """Whether the channels are the speakers, with the measurements behind the decision."""
+    forced = config.channels_as_speakers
+    info: dict[str, Any] = {"channels": int(audio.shape[0])}
+    if audio.shape[0] < 2:
+        return False, {**info, "reason": "mono"}
+    if forced is True or forced is False:
+        return bool(forced), {**info, "reason": "forced by config"}
+    if forced != "auto":
+        raise ValueError(f"diarize.channels_as_speakers must be 'auto', true or false, not {forced!r}")
+    if len(channel_speech) != audio.shape[0]:
+        return False, {**info, "reason": "no per-channel speech regions"}
+    speech = [_total([(r.start, r.end) for r in rs]) for rs in channel_speech]
+    info["channel_speech_s"] = [round(s, 2) for s in speech]
+    if sum(s >= config.min_channel_speech for s in speech) < 2:
+        return False, {**info, "reason": "fewer than two channels with speech"}
+    info["overlap"] = round(channel_overlap_ratio(channel_speech), 4)
+    info["correlation"] = round(channel_correlation(audio), 4)
+    if info["correlation"] > config.max_channel_correlation:
+        return False, {**info, "reason": "channels carry the same signal"}
+    if info["overlap"] > config.max_channel_overlap:
+        return False, {**info, "reason": "channels' speech overlaps"}
+    return True, {**info, "reason": "one speaker per channel"}
+
+
+def annotation_to_turns(annotation, offset: float) -> list[Turn]:
+    """pyannote Annotation (chunk times) -> turns in source times, original labels."""
+    return [
+        Turn(offset + float(seg.start), offset + float(seg.end), str(label))
+        for seg, _, label in annotation.itertracks(yield_label=True)
+    ]
+
+
+def hub_token() -> str | None:
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGINGFACE_TOKEN") or None
+
+
+def default_segmentation_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("whisperx")
+    if spec is None or not spec.origin:
+        raise RuntimeError("whisperx is not installed: set diarize.segmentation_model to a pyannote segmentation checkpoint")
+    return str(Path(spec.origin).parent / "assets" / "pytorch_model.bin")
+
+
+def default_encoder_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("resemblyzer")
+    if spec is None or not spec.origin:
+        raise RuntimeError("resemblyzer is not installed: set diarize.speaker_encoder to its pretrained.pt")
+    return str(Path(spec.origin).parent / "pretrained.pt")
+
+
+# --- model building (heavy imports inside functions: only setup() and tests call these) -------
+
+
+def resemblyzer_embedding_model(weights: str | None = None):
+    """The resemblyzer GE2E encoder as a pyannote `Model`, so `SpeakerDiarization(embedding=...)`
+    accepts it through its public constructor (pyannote wraps any Model instance in its
+    `PyannoteAudioPretrainedSpeakerEmbedding`, which calls `model(waveforms, weights=masks)`)."""
+    import torch
+    from pyannote.audio import Model
+    from resemblyzer import VoiceEncoder
+    from resemblyzer.audio import wav_to_mel_spectrogram
+    from resemblyzer.hparams import audio_norm_target_dBFS, partials_n_frames
+
+    class ResemblyzerEmbedding(Model):
+        # Masked speech shorter than this gives NaN (pyannote then ignores the pair in clustering).
+        MIN_FRAMES = 20  # 0.2 s of 10 ms mel frames
+        PARTIAL_STEP = 80  # 50 % overlap between 1.6 s partials (resemblyzer uses ~1.3 per second)
+
+        def __init__(self, weights_fpath: str | None = None):
+            super().__init__(sample_rate=ANALYSIS_RATE, num_channels=1)
+            self.encoder = VoiceEncoder(device="cpu", verbose=False, weights_fpath=weights_fpath)
+
+        @property
+        def dimension(self) -> int:
+            return int(self.encoder.linear.out_features)
+
+        def _partials(self, wav: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+            """Mel frames of the masked speech cut into 1.6 s partials ([n, 160, 40]) or None."""
+            if mask is not None:
+                # speech samples of this local speaker, for resemblyzer's volume normalisation
+                idx = np.minimum((np.arange(len(wav)) * len(mask)) // len(wav), len(mask) - 1)
+                sample_mask = mask[idx] > 0.5
+            else:
+                sample_mask = np.ones(len(wav), bool)
+            if sample_mask.sum() < self.MIN_FRAMES * 160:
+                return None
+            rms = np.sqrt(np.mean(np.square(wav[sample_mask], dtype=np.float64)))
+            if rms <= 1e-8:
+                return None
+            gain = 10 ** (audio_norm_target_dBFS / 20) / rms
+            mel = wav_to_mel_spectrogram((wav * gain).astype(np.float32))  # [frames, 40]
+            if mask is not None:
+                fidx = np.minimum((np.arange(len(mel)) * len(mask)) // len(mel), len(mask) - 1)
+                mel = mel[mask[fidx] > 0.5]
+            n = len(mel)
+            if n < self.MIN_FRAMES:
+                return None
+            if n < partials_n_frames:  # too short for one partial: repeat the speech
+                mel = np.tile(mel, (int(np.ceil(partials_n_frames / n)), 1))[:partials_n_frames]
+                n = partials_n_frames
+            starts = list(range(0, n - partials_n_frames + 1, self.PARTIAL_STEP))
+            if starts[-1] + partials_n_frames < n:  # cover the tail
+                starts.append(n - partials_n_frames)
+            return np.stack([mel[s : s + partials_n_frames] for s in starts])
+
+        def forward(self, waveforms: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+            wavs = waveforms[:, 0].detach().cpu().numpy()
+            masks = None if weights is None else weights.detach().cpu().numpy()
+            parts = [self._partials(w, None if masks is None else masks[i]) for i, w in enumerate(wavs)]
+            out = torch.full((len(wavs), self.dimension), float("nan"), device=waveforms.device)
+            if not any(p is not None for p in parts):
+                return out
+            batch = torch.from_numpy(np.concatenate([p for p in parts if p is not None])).to(waveforms.device)
+            partial_embeds = self.encoder(batch)  # [n_partials, 256], L2-normalised
+            k = 0
+            for i, p in enumerate(parts):
+                if p is None:
+                    continue
+                e = partial_embeds[k : k + len(p)].mean(dim=0)
+                out[i] = e / e.norm()
+                k += len(p)
+            return out
+
+    return ResemblyzerEmbedding(weights)
+
+
+def build_offline_pipeline(config: DiarizeConfig):
+    """pyannote's SpeakerDiarization with whisperx's segmentation model and resemblyzer, built
+    only through public arguments (Model instances, a PLDA instance) and `instantiate`."""
+    from pyannote.audio import Model
+    from pyannote.audio.core.plda import PLDA
+    from pyannote.audio.pipelines import SpeakerDiarization
+
+    class NoPLDA(PLDA):
+        # The constructor insists on a PLDA (its default is a hub download); only VBx clustering
+        # uses it, and we cluster agglomeratively.
+        def __init__(self):
+            pass
+
+    segmentation = Model.from_pretrained(config.segmentation_model or default_segmentation_path(), strict=False)
+    if segmentation is None:
+        raise RuntimeError(f"could not load segmentation model {config.segmentation_model!r}: set diarize.segmentation_model")
+    pipeline = SpeakerDiarization(
+        segmentation=segmentation,
+        segmentation_step=config.segmentation_step,
+        embedding=resemblyzer_embedding_model(config.speaker_encoder or default_encoder_path()),
+        embedding_exclude_overlap=config.embedding_exclude_overlap,
+        plda=NoPLDA(),
+        clustering="AgglomerativeClustering",
+        embedding_batch_size=config.batch_size,
+        segmentation_batch_size=config.batch_size,
+    )
+    params: dict[str, Any] = {
+        "clustering": {
+            "method": "centroid",
+            "min_cluster_size": config.min_cluster_size,
+            "threshold": config.threshold,
+        },
+        "segmentation": {"min_duration_off": config.min_duration_off},
+    }
+    if not segmentation.specifications.powerset:
+        params["segmentation"]["threshold"] = config.segmentation_threshold
+    pipeline.instantiate(params)
+    return pipeline
+
+
+class PipelineUnavailable(RuntimeError):
+    pass
+
+
+def load_pretrained_pipeline(pipeline: str, token: str | None = None):
+    """A pyannote pipeline from a hub id or a local directory / config.yaml, or a clear error."""
+    from pyannote.audio import Pipeline
+
+    hint = (
+        f"could not load the diarization pipeline {pipeline!r}. Set diarize.pipeline to a local "
+        f"directory holding the pipeline's config.yaml and model folders (e.g. a snapshot of "
+        f"{COMMUNITY_PIPELINE}), or make the hub reachable with a token in HF_TOKEN that has "
+        f"accepted the model's conditions, or set diarize.pipeline to null for the offline diarizer"
+    )
+    local = os.path.exists(pipeline)
+    try:
+        loaded = Pipeline.from_pretrained(pipeline, token=None if local else token)
+    except Exception as exc:  # hub errors come in many types (offline, gated, 404)
+        # never echo the token; the original error type is enough to debug
+        raise PipelineUnavailable(f"{hint} ({type(exc).__name__})") from exc
+    if loaded is None:
+        raise PipelineUnavailable(hint)
+    return loaded
+
+
+def pipeline_identity(config: DiarizeConfig) -> dict[str, Any]:
+    if config.pipeline:
+        return {"name": "pyannote-pipeline", "pipeline": config.pipeline}
+    return {
+        "name": OFFLINE_NAME,
+        "segmentation_model": config.segmentation_model or "whisperx/assets/pytorch_model.bin",
+        "speaker_encoder": config.speaker_encoder or "resemblyzer/pretrained.pt",
+        "clustering": "AgglomerativeClustering(centroid)",
+        "threshold": config.threshold,
+        "segmentation_threshold": config.segmentation_threshold,
+        "min_cluster_size": config.min_cluster_size,
+        "segmentation_step": config.segmentation_step,
+        "embedding_exclude_overlap": config.embedding_exclude_overlap,
+    }
+
+
+def diarize_waveform(pipeline, mono: np.ndarray, offset: float, config: DiarizeConfig, uri: str = "chunk"):
+    """Run a pyannote pipeline on an in-memory 16 kHz mono waveform.
+
+    Returns (turns with the pipeline's labels in source times, {label: centroid} or {})."""
+    import torch
+
+    waveform = torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))[None]
+    kwargs = {k: v for k, v in (("min_speakers", config.min_speakers), ("max_speakers", config.max_speakers)) if v}
+    out = pipeline({"waveform": waveform, "sample_rate": ANALYSIS_RATE, "uri": uri}, **kwargs)
+    annotation = getattr(out, "speaker_diarization", out)  # pyannote 4 output or legacy Annotation
+    turns = annotation_to_turns(annotation, offset)
+    centroids = {}
+    emb = getattr(out, "speaker_embeddings", None)
+    if emb is not None:
+        centroids = {str(label): np.asarray(emb[i]) for i, label in enumerate(annotation.labels()) if i < len(emb)}
+    return turns, centroids
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+class DiarizeStage(Stage):
+    name = "diarize"
+
+    def __init__(self, config: DiarizeConfig | None = None):
+        super().__init__(config or DiarizeConfig())
+        self.pipeline = None
+        self.device = "cpu"
+
+    def resources(self) -> Resources:
+        return Resources(cpus=self.config.cpus, gpus=self.config.gpus, uses_model=True)
+
+    def setup(self) -> None:
+        import torch
+
+        torch.set_num_threads(torch_threads(self.config.cpus))
+        self.device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.config.pipeline:
+            self.pipeline = load_pretrained_pipeline(self.config.pipeline, hub_token())
+        else:
+            self.pipeline = build_offline_pipeline(self.config)
+        self.pipeline.to(torch.device(self.device))
+
+    def describe(self) -> dict[str, Any]:
+        return {**pipeline_identity(self.config), "device": self.device}
+
+    def process(self, chunk: Chunk) -> Chunk:
+        audio = chunk.audio16k
+        by_channel, info = decide_channel_mode(audio, chunk.channel_speech, self.config)
+        chunk.custom["channel_check"] = info
+        if by_channel:
+            raw = regions_to_turns(chunk.channel_speech)
+            names = first_speech_names(raw)
+            chunk.custom["speaker_mode"] = "channels"
+            chunk.custom["diarizer"] = {"name": "channels", "channels": int(audio.shape[0])}
+            # {label: channel}, so per-channel ASR segments can be named
+            chunk.custom["channel_speakers"] = {new: int(old[2:]) for old, new in names.items()}
+            chunk.turns = relabel_by_first_speech(raw)
+            return chunk
+
+        chunk.custom["speaker_mode"] = "diarization"
+        chunk.custom["diarizer"] = self.describe()
+        if not chunk.speech:  # nothing to attribute; VAD already says so
+            chunk.turns = []
+            return chunk
+        raw, centroids = diarize_waveform(self.pipeline, chunk.mono16k, chunk.offset, self.config, chunk.recording.id)
+        mapping = first_speech_names(raw)
+        chunk.turns = relabel_by_first_speech(raw)
+        chunk.custom["speaker_embeddings"] = {
+            mapping[k]: [round(float(x), 5) for x in v] for k, v in centroids.items() if k in mapping and np.all(np.isfinite(v))
+        }
+        self.counters["speakers"] += len(mapping)
+        return chunk
+

@@ -1,0 +1,172 @@
+"""tokenize: Mimi (package `moshi`) codes for every utterance, 32 codebooks at 12.5 Hz.
+
+Each utterance is encoded on its own (as CSM expects), in batches padded at the end: Mimi's
+encoder is causal, so end padding cannot change an utterance's own frames (a test checks this).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from stages.base import Resources, Stage, torch_threads
+from stages.hub import hub_file
+from stages.records import CODEC_RATE, Chunk
+
+log = logging.getLogger(__name__)
+FRAME_SAMPLES = 1920  # 24 kHz / 12.5 Hz
+RANDOM_SEED = 1234
+
+
+class CodecUnavailable(RuntimeError):
+    pass
+
+
+@dataclass
+class TokenizeConfig:
+    weights: str | None = None  # local Mimi safetensors; None: the hub (kyutai/moshiko-pytorch-bf16)
+    num_codebooks: int = 32
+    allow_unreleased: bool = False  # use a deterministic randomly initialised Mimi if the weights are missing
+    batch_seconds: float = 120.0  # audio per encoder call (padded batch)
+    cpus: float = 1.0
+    gpus: float = 0.0
+    actors: int = 1
+
+
+def load_mimi(config: TokenizeConfig, device: str):
+    """Returns (model, identity). Released weights from a local file or the hub; otherwise, only when
+    allowed, a seeded random Mimi whose identity says so (never a silent fallback)."""
+    import torch
+    from moshi.models import loaders
+
+    path, error = config.weights, None
+    if path is None:
+        try:
+            path = hub_file(loaders.DEFAULT_REPO, loaders.MIMI_NAME)
+        except Exception as exc:  # offline, gated, no network
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if path is not None:
+        model = loaders.get_mimi(path, device=device, num_codebooks=config.num_codebooks)
+        return model.eval(), {"weights": str(path), "released": True}
+    if not config.allow_unreleased:
+        raise CodecUnavailable(
+            f"Mimi weights not found ({loaders.DEFAULT_REPO}/{loaders.MIMI_NAME}: {error}). "
+            "Set tokenize.weights to a local copy of the file, or tokenize.allow_unreleased=true "
+            "to use a randomly initialised Mimi (codes only fit for testing the plumbing)."
+        )
+    log.warning(
+        "!!! Mimi released weights unavailable (%s): using a RANDOMLY INITIALISED Mimi (seed %d). "
+        "The codes are deterministic but meaningless; samples are marked codec.released=false. !!!",
+        error, RANDOM_SEED,
+    )
+    torch.manual_seed(RANDOM_SEED)
+    model = loaders.get_mimi(None, device=device, num_codebooks=config.num_codebooks).eval()
+    init_codebooks(model, seed=RANDOM_SEED)
+    import moshi
+
+    return model, {"weights": f"random-init(seed={RANDOM_SEED}, moshi {moshi.__version__})", "released": False}
+
+
+def init_codebooks(model, seed: int) -> None:
+    """Give an unloaded Mimi codebooks at the scale of its own latents, so codes vary with the audio.
+
+    Built without weights, every codebook is uninitialised and every code is 0. We run the encoder
+    on a fixed calibration signal, measure the scale of what each residual quantizer receives, and
+    draw its codebooks from a normal of that scale.
+    """
+    import torch
+    from moshi.quantization.core_vq import EuclideanCodebook
+
+    books = [m for m in model.modules() if isinstance(m, EuclideanCodebook)]
+    scales: dict[int, float] = {}
+    originals = {}
+    for i, book in enumerate(books):
+        originals[i] = book.encode
+
+        def capture(x, i=i, orig=book.encode):
+            scales.setdefault(i, float(x.float().std()))
+            return orig(x)
+
+        book.encode = capture
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(CODEC_RATE * 2) / CODEC_RATE
+    calib = (0.3 * torch.sin(2 * math.pi * 220 * t * (1 + t)) + 0.1 * torch.randn(t.shape, generator=g))[None, None]
+    with torch.no_grad():
+        model.encode(calib.to(next(model.parameters()).device))
+    for i, book in enumerate(books):
+        book.encode = originals[i]
+        scale = scales.get(i) or scales.get(0, 1.0)
+        emb = torch.randn(book.embedding_sum.shape, generator=g) * scale
+        book.embedding_sum.data.copy_(emb.to(book.embedding_sum.device))
+        book.cluster_usage.data.fill_(1.0)
+        book._initialized.data.fill_(1.0)
+        book._cached_initialized = False
+        book._embedding = None
+
+
+def encode_batch(model, clips: list[np.ndarray], device: str) -> list[np.ndarray]:
+    """Codes int16 [K, ceil(len/1920)] for each 24 kHz mono clip, in one padded forward pass."""
+    import torch
+
+    longest = max(len(c) for c in clips)
+    batch = np.zeros((len(clips), 1, longest), np.float32)
+    for i, c in enumerate(clips):
+        batch[i, 0, : len(c)] = c
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        codes = model.encode(torch.from_numpy(batch).to(device)).cpu().numpy()
+    return [codes[i, :, : math.ceil(len(c) / FRAME_SAMPLES)].astype(np.int16) for i, c in enumerate(clips)]
+
+
+class TokenizeStage(Stage):
+    name = "tokenize"
+
+    def resources(self) -> Resources:
+        c = self.config
+        return Resources(cpus=c.cpus, gpus=c.gpus, actors=c.actors, uses_model=True)
+
+    def setup(self) -> None:
+        import torch
+
+        torch.set_num_threads(torch_threads(self.config.cpus))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.identity = load_mimi(self.config, self.device)
+
+    def describe(self) -> dict:
+        return {
+            "name": "mimi",
+            "num_codebooks": self.config.num_codebooks,
+            "frame_rate": 12.5,
+            "sample_rate": CODEC_RATE,
+            **getattr(self, "identity", {}),
+        }
+
+    def process(self, chunk: Chunk) -> Chunk:
+        utts = [u for w in chunk.windows for u in w.utterances]
+        clips = [chunk.codec_audio(u.start, u.end) for u in utts]
+        codes: list[np.ndarray | None] = [None] * len(clips)
+        # Similar lengths together keep padding small.
+        order = sorted(range(len(clips)), key=lambda i: len(clips[i]))
+        budget = int(self.config.batch_seconds * CODEC_RATE)
+        batch: list[int] = []
+        for i in order + [None]:
+            if batch and (i is None or len(clips[i]) * (len(batch) + 1) > budget):
+                for j, c in zip(batch, encode_batch(self.model, [clips[j] for j in batch], self.device)):
+                    codes[j] = c
+                batch = []
+            if i is not None:
+                batch.append(i)
+        it = iter(codes)
+        for w in chunk.windows:
+            parts, begin = [], 0
+            for u in w.utterances:
+                c = next(it)
+                u.frames = (begin, begin + c.shape[1])
+                begin += c.shape[1]
+                parts.append(c)
+            w.codes = np.concatenate(parts, axis=1)
+        chunk.custom["codec"] = self.describe()
+        return chunk
+

@@ -1,0 +1,144 @@
+"""utterances: speaker-attributed utterances cut at pauses.
+
+Two halves: `plan_units` decides what Whisper transcribes (VAD regions cut at pauses, split where
+the speaker changes, or each channel's regions when channels are speakers), and the stage turns the
+transcribed units into utterances: speaker by most overlap with the diarization turns, overlapped
+speech measured, same-speaker neighbours merged up to a maximum length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from stages.base import Stage
+from stages.records import AsrSegment, Chunk, Region, Rejection, Turn, Utterance
+
+_STEP = 0.02  # seconds: resolution for finding speaker changes inside a region
+
+
+@dataclass
+class UtterancesConfig:
+    merge_gap: float = 0.5  # same speaker, pause at most this long: one utterance
+    max_seconds: float = 20.0  # never merge beyond this (Mimi frames per utterance stay bounded)
+    min_piece: float = 0.5  # speaker-change splits shorter than this are absorbed by a neighbour
+
+
+def split_at_turns(region: Region, turns: list[Turn], min_piece: float) -> list[Region]:
+    """Split a speech region where the dominant speaker changes."""
+    inside = [t for t in turns if t.end > region.start and t.start < region.end]
+    if len({t.speaker for t in inside}) < 2:
+        return [region]
+    grid = np.arange(region.start, region.end, _STEP) + _STEP / 2
+    labels = np.full(len(grid), -1)
+    # Longer turns first, shorter (interjections) last so they win where turns overlap.
+    for i, t in sorted(enumerate(inside), key=lambda it: -(it[1].end - it[1].start)):
+        labels[(grid >= t.start) & (grid < t.end)] = i
+    # Gaps between turns inherit the previous speaker.
+    for k in range(1, len(labels)):
+        if labels[k] < 0:
+            labels[k] = labels[k - 1]
+    speakers = np.array([inside[i].speaker if i >= 0 else "" for i in labels])
+    cuts = [0] + [k for k in range(1, len(speakers)) if speakers[k] != speakers[k - 1]] + [len(speakers)]
+    pieces = [[cuts[j], cuts[j + 1]] for j in range(len(cuts) - 1)]
+    min_steps = int(min_piece / _STEP)
+    merged: list[list[int]] = []
+    for p in pieces:
+        if merged and (p[1] - p[0] < min_steps or merged[-1][1] - merged[-1][0] < min_steps):
+            merged[-1][1] = p[1]
+        else:
+            merged.append(p)
+    bounds = [region.start + a * _STEP for a, _ in merged] + [region.end]
+    return [Region(bounds[j], bounds[j + 1]) for j in range(len(merged))]
+
+
+def plan_units(chunk: Chunk, min_piece: float = 0.5) -> list[tuple[Region, int | None]]:
+    """What to transcribe: (region, channel) pairs in time order; channel None means the mono mix."""
+    if chunk.custom.get("speaker_mode") == "channels":
+        units = [(r, c) for c, regions in enumerate(chunk.channel_speech) for r in regions]
+    else:
+        units = [(p, None) for r in chunk.speech for p in split_at_turns(r, chunk.turns, min_piece)]
+    return sorted(units, key=lambda u: (u[0].start, u[1] or 0))
+
+
+def assign_speaker(start: float, end: float, turns: list[Turn]) -> tuple[str | None, float]:
+    """Speaker with most overlap with [start, end), and seconds in which another speaker's turn overlaps."""
+    overlap: dict[str, float] = {}
+    for t in turns:
+        o = min(end, t.end) - max(start, t.start)
+        if o > 0:
+            overlap[t.speaker] = overlap.get(t.speaker, 0.0) + o
+    if not overlap:
+        return None, 0.0
+    speaker = max(overlap, key=lambda s: (overlap[s], s))
+    others = _union([Region(max(start, t.start), min(end, t.end)) for t in turns if t.speaker != speaker and t.end > start and t.start < end])
+    return speaker, others
+
+
+def _union(regions: list[Region]) -> float:
+    total, cur_s, cur_e = 0.0, None, None
+    for r in sorted(regions, key=lambda r: r.start):
+        if cur_e is None or r.start > cur_e:
+            total += (cur_e - cur_s) if cur_e is not None else 0.0
+            cur_s, cur_e = r.start, r.end
+        else:
+            cur_e = max(cur_e, r.end)
+    return total + ((cur_e - cur_s) if cur_e is not None else 0.0)
+
+
+def to_utterance(seg: AsrSegment, chunk: Chunk) -> Utterance:
+    if chunk.custom.get("speaker_mode") == "channels" or not chunk.turns:
+        # Without diarization each channel is one speaker, and the label says so.
+        speaker, overlap = f"channel{seg.channel}", 0.0
+        if chunk.custom.get("speaker_mode") == "channels":
+            speaker = chunk.custom.get("channel_speakers", {}).get(seg.channel, speaker)
+            others = [t for t in chunk.turns if t.speaker != speaker]
+            overlap = _union([Region(max(seg.start, t.start), min(seg.end, t.end)) for t in others if t.end > seg.start and t.start < seg.end])
+    else:
+        speaker, overlap = assign_speaker(seg.start, seg.end, chunk.turns)
+        speaker = speaker or "unknown"
+    return Utterance(
+        speaker, seg.start, seg.end, seg.text, seg.channel, seg.language,
+        seg.avg_logprob, seg.no_speech_prob, list(seg.words), overlap,
+    )
+
+
+def merge_utterances(utts: list[Utterance], config: UtterancesConfig) -> list[Utterance]:
+    out: list[Utterance] = []
+    for u in utts:
+        prev = out[-1] if out else None
+        if (
+            prev is not None
+            and prev.speaker == u.speaker
+            and prev.channel == u.channel
+            and 0 <= u.start - prev.end <= config.merge_gap
+            and u.end - prev.start <= config.max_seconds
+        ):
+            # Duration-weighted confidence of the merged text.
+            w0, w1 = prev.duration, u.duration
+            prev.avg_logprob = (prev.avg_logprob * w0 + u.avg_logprob * w1) / (w0 + w1)
+            prev.no_speech_prob = max(prev.no_speech_prob, u.no_speech_prob)
+            prev.text = f"{prev.text} {u.text}".strip()
+            prev.end, prev.overlap = u.end, prev.overlap + u.overlap
+            prev.words.extend(u.words)
+        else:
+            out.append(u)
+    return out
+
+
+class UtterancesStage(Stage):
+    name = "utterances"
+
+    def process(self, chunk: Chunk) -> Chunk:
+        utts = []
+        for seg in chunk.segments:
+            if not seg.text:
+                chunk.rejected.append(
+                    Rejection(chunk.recording.id, self.name, "empty_transcript", seg.start, seg.end, level="utterance")
+                )
+                continue
+            utts.append(to_utterance(seg, chunk))
+        chunk.utterances = merge_utterances(utts, self.config)
+        return chunk
+

@@ -1,0 +1,69 @@
+"""vad: silero-vad (bundled weights) speech regions on the mono mix and, for multi-channel files,
+on each channel (the diarize stage uses those to decide whether channels are speakers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from stages.base import Resources, Stage, torch_threads
+from stages.records import ANALYSIS_RATE, Chunk, Region
+
+
+@dataclass
+class VadConfig:
+    threshold: float = 0.5
+    min_speech_ms: int = 250
+    min_silence_ms: int = 300  # a pause at least this long ends a region (an utterance boundary)
+    speech_pad_ms: int = 30
+    max_speech_seconds: float = 20.0  # longer speech is split at its longest internal silence
+    cpus: float = 0.5
+    actors: int = 1
+
+
+def speech_regions(model, audio: np.ndarray, config: VadConfig, offset: float = 0.0) -> list[Region]:
+    """Silero speech regions of a mono 16 kHz signal, as source times (offset + seconds)."""
+    import torch
+    from silero_vad import get_speech_timestamps
+
+    stamps = get_speech_timestamps(
+        torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)),
+        model,
+        threshold=config.threshold,
+        sampling_rate=ANALYSIS_RATE,
+        min_speech_duration_ms=config.min_speech_ms,
+        min_silence_duration_ms=config.min_silence_ms,
+        speech_pad_ms=config.speech_pad_ms,
+        max_speech_duration_s=config.max_speech_seconds,
+    )
+    return [Region(offset + s["start"] / ANALYSIS_RATE, offset + s["end"] / ANALYSIS_RATE) for s in stamps]
+
+
+class VadStage(Stage):
+    name = "vad"
+
+    def resources(self) -> Resources:
+        return Resources(cpus=self.config.cpus, actors=self.config.actors, uses_model=True)
+
+    def setup(self) -> None:
+        import torch
+        from silero_vad import load_silero_vad
+
+        torch.set_num_threads(torch_threads(self.config.cpus))
+        self.model = load_silero_vad()
+
+    def describe(self) -> dict:
+        import silero_vad
+
+        return {"name": "silero-vad", "version": getattr(silero_vad, "__version__", "6.2"), "threshold": self.config.threshold}
+
+    def process(self, chunk: Chunk) -> Chunk:
+        chunk.speech = speech_regions(self.model, chunk.mono16k, self.config, chunk.offset)
+        if chunk.audio16k.shape[0] > 1:
+            chunk.channel_speech = [
+                speech_regions(self.model, ch, self.config, chunk.offset) for ch in chunk.audio16k
+            ]
+        if not chunk.speech:
+            chunk.reject(self.name, "no_speech", metric=0.0)
+        return chunk
