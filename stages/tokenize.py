@@ -71,40 +71,35 @@ def load_mimi(config: TokenizeConfig, device: str):
 
 
 def init_codebooks(model, seed: int) -> None:
-    """Give an unloaded Mimi codebooks at the scale of its own latents, so codes vary with the audio.
+    """Give an unloaded Mimi codebooks drawn from its own latents, so codes vary with the audio.
 
-    Built without weights, every codebook is uninitialised and every code is 0. We run the encoder
-    on a fixed calibration signal, measure the scale of what each residual quantizer receives, and
-    draw its codebooks from a normal of that scale.
+    Built without weights, every codebook is uninitialised and every code is 0. We encode a fixed
+    calibration signal once, then walk each residual quantizer layer by layer: a layer's codebook is
+    drawn from a normal with the per-dimension mean and spread of the residual that layer actually
+    receives (what the earlier layers leave over).
     """
     import torch
-    from moshi.quantization.core_vq import EuclideanCodebook
 
-    books = [m for m in model.modules() if isinstance(m, EuclideanCodebook)]
-    scales: dict[int, float] = {}
-    originals = {}
-    for i, book in enumerate(books):
-        originals[i] = book.encode
-
-        def capture(x, i=i, orig=book.encode):
-            scales.setdefault(i, float(x.float().std()))
-            return orig(x)
-
-        book.encode = capture
     g = torch.Generator().manual_seed(seed)
-    t = torch.arange(CODEC_RATE * 2) / CODEC_RATE
-    calib = (0.3 * torch.sin(2 * math.pi * 220 * t * (1 + t)) + 0.1 * torch.randn(t.shape, generator=g))[None, None]
+    t = torch.arange(CODEC_RATE * 8) / CODEC_RATE
+    envelope = (torch.sin(2 * math.pi * 3 * t) > 0).float()  # bursts and pauses, speech-like rhythm
+    calib = envelope * (0.3 * torch.sin(2 * math.pi * 150 * t * (1 + t / 2)) + 0.1 * torch.randn(t.shape, generator=g))
+    device = next(model.parameters()).device
     with torch.no_grad():
-        model.encode(calib.to(next(model.parameters()).device))
-    for i, book in enumerate(books):
-        book.encode = originals[i]
-        scale = scales.get(i) or scales.get(0, 1.0)
-        emb = torch.randn(book.embedding_sum.shape, generator=g) * scale
-        book.embedding_sum.data.copy_(emb.to(book.embedding_sum.device))
-        book.cluster_usage.data.fill_(1.0)
-        book._initialized.data.fill_(1.0)
-        book._cached_initialized = False
-        book._embedding = None
+        latent = model._encode_to_unquantized_latent(calib[None, None].to(device))
+        for rvq in (model.quantizer.rvq_first, model.quantizer.rvq_rest):
+            residual = rvq.input_proj(latent)
+            for layer in rvq.vq.layers:
+                book = layer._codebook
+                x = layer.project_in(layer._rearrange_input(residual))  # what the codebook sees
+                x = x.reshape(-1, x.shape[-1]).float()
+                emb = x.mean(0) + x.std(0) * torch.randn(book.embedding_sum.shape, generator=g).to(device)
+                book.embedding_sum.data.copy_(emb)
+                book.cluster_usage.data.fill_(1.0)
+                book._initialized.data.fill_(1.0)
+                book._cached_initialized = False
+                book._embedding = None
+                residual = residual - layer.decode(layer.encode(residual))
 
 
 def encode_batch(model, clips: list[np.ndarray], device: str) -> list[np.ndarray]:

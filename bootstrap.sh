@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Idempotent setup for a fresh clone: the system tools the tests use (espeak-ng, sox), a virtual
+# environment in .venv, and the project with its pinned dependency set. Re-running is instant
+# unless pyproject.toml or constraints.txt changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+missing=()
+for tool in espeak-ng sox; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "[bootstrap] apt-get install ${missing[*]}" >&2
+  $sudo apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+want=$(cat pyproject.toml constraints.txt | sha1sum | cut -c1-16)
+if [ "$(cat .venv/.csm-corpus-installed 2>/dev/null)" != "$want" ]; then
+  echo "[bootstrap] installing dependencies into .venv (first time: ~5 min, ~8.5 GB)" >&2
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -c constraints.txt -e '.[test]'
+  echo "$want" > .venv/.csm-corpus-installed
+fi

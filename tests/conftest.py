@@ -1,0 +1,80 @@
+"""Shared fixtures: real audio from pyannote's sample, one Ray instance per test session, and one
+embedded-corpus pipeline run that several end-to-end tests inspect."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+warnings.filterwarnings("ignore", message=r"\s*torchcodec")
+
+
+def _sample_dir() -> Path:
+    import pyannote.audio
+
+    return Path(pyannote.audio.__file__).parent / "sample"
+
+
+@pytest.fixture(scope="session")
+def sample_wav() -> Path:
+    return _sample_dir() / "sample.wav"
+
+
+@pytest.fixture(scope="session")
+def sample_rttm() -> list[tuple[float, float, str]]:
+    """(start, end, speaker) from the sample's reference diarization."""
+    rows = []
+    for line in (_sample_dir() / "sample.rttm").read_text().splitlines():
+        f = line.split()
+        rows.append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def sample_stm() -> list[tuple[float, float, str, str]]:
+    """(start, end, speaker, text) from the sample's reference transcript."""
+    rows = []
+    for line in (_sample_dir() / "sample.stm").read_text().splitlines():
+        f = line.split(maxsplit=5)  # file channel speaker start end text
+        if len(f) == 6:
+            rows.append((float(f[3]), float(f[4]), f[2], f[5]))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def run_cli(args: list[str]):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="session")
+def embedded_run(ray_session, tmp_path_factory) -> Path:
+    """`pipeline run --output DIR` with no inputs: the embedded default corpus, on Ray."""
+    out = tmp_path_factory.mktemp("embedded")
+    result = run_cli(["run", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def tone(seconds: float, rate: int, freq: float = 220.0, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.3 * np.sin(2 * np.pi * freq * t).astype(np.float32)
+    return np.stack([x * (1 + 0.1 * c) for c in range(channels)], axis=1) if channels > 1 else x
