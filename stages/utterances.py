@@ -63,28 +63,39 @@ def plan_units(chunk: Chunk, min_piece: float = 0.5) -> list[tuple[Region, int |
 
 
 def assign_speaker(start: float, end: float, turns: list[Turn]) -> tuple[str | None, float]:
-    """Speaker with most overlap with [start, end), and seconds in which another speaker's turn overlaps."""
-    overlap: dict[str, float] = {}
-    for t in turns:
-        o = min(end, t.end) - max(start, t.start)
-        if o > 0:
-            overlap[t.speaker] = overlap.get(t.speaker, 0.0) + o
-    if not overlap:
+    """Speaker with most overlap with [start, end) (ties: the smaller label), and the seconds of
+    [start, end) during which two or more speakers talk at once."""
+    inside = [(max(start, t.start), min(end, t.end), t.speaker) for t in turns if t.end > start and t.start < end]
+    if not inside:
         return None, 0.0
-    speaker = max(overlap, key=lambda s: (overlap[s], s))
-    others = _union([Region(max(start, t.start), min(end, t.end)) for t in turns if t.speaker != speaker and t.end > start and t.start < end])
-    return speaker, others
+    talk: dict[str, float] = {}
+    for a, b, spk in inside:
+        talk[spk] = talk.get(spk, 0.0) + b - a
+    speaker = max(sorted(talk), key=talk.get)
+    return speaker, overlapped_seconds(inside)
 
 
-def _union(regions: list[Region]) -> float:
-    total, cur_s, cur_e = 0.0, None, None
-    for r in sorted(regions, key=lambda r: r.start):
-        if cur_e is None or r.start > cur_e:
-            total += (cur_e - cur_s) if cur_e is not None else 0.0
-            cur_s, cur_e = r.start, r.end
-        else:
-            cur_e = max(cur_e, r.end)
-    return total + ((cur_e - cur_s) if cur_e is not None else 0.0)
+def overlapped_seconds(intervals: list[tuple[float, float, str]]) -> float:
+    """Total time covered by intervals of at least two different speakers."""
+    per_speaker: dict[str, list[tuple[float, float]]] = {}
+    for a, b, spk in intervals:
+        per_speaker.setdefault(spk, []).append((a, b))
+    events = []
+    for spans in per_speaker.values():  # union per speaker, so one speaker never overlaps itself
+        spans.sort()
+        cur = list(spans[0])
+        for a, b in spans[1:] + [(float("inf"), float("inf"))]:
+            if a > cur[1]:
+                events += [(cur[0], 1), (cur[1], -1)]
+                cur = [a, b]
+            else:
+                cur[1] = max(cur[1], b)
+    total, active, prev = 0.0, 0, None
+    for t, delta in sorted(events):
+        if active >= 2:
+            total += t - prev
+        active, prev = active + delta, t
+    return total
 
 
 def to_utterance(seg: AsrSegment, chunk: Chunk) -> Utterance:
@@ -92,9 +103,10 @@ def to_utterance(seg: AsrSegment, chunk: Chunk) -> Utterance:
         # Without diarization each channel is one speaker, and the label says so.
         speaker, overlap = f"channel{seg.channel}", 0.0
         if chunk.custom.get("speaker_mode") == "channels":
-            speaker = chunk.custom.get("channel_speakers", {}).get(seg.channel, speaker)
-            others = [t for t in chunk.turns if t.speaker != speaker]
-            overlap = _union([Region(max(seg.start, t.start), min(seg.end, t.end)) for t in others if t.end > seg.start and t.start < seg.end])
+            # diarize names each channel's speaker: {label: channel}
+            by_channel = {ch: label for label, ch in chunk.custom.get("channel_speakers", {}).items()}
+            speaker = by_channel.get(seg.channel, speaker)
+            overlap = assign_speaker(seg.start, seg.end, chunk.turns)[1]
     else:
         speaker, overlap = assign_speaker(seg.start, seg.end, chunk.turns)
         speaker = speaker or "unknown"

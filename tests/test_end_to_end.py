@@ -1,0 +1,113 @@
+"""A Ray run on the embedded corpus, checked against the output contract (docs/output-format.md)."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from tests.conftest import run_cli
+
+
+def _samples(out):
+    shards = sorted(glob.glob(str(out / "shards" / "*.tar")))
+    assert shards, "no shards written"
+    # Plain tar members: bytes in, our own decoding (the trainer never unpickles shard content).
+    return shards, list(wds.WebDataset(shards, shardshuffle=False))
+
+
+def test_every_sample_follows_the_contract(embedded_run):
+    shards, samples = _samples(embedded_run)
+    assert samples
+    for s in samples:
+        key = s["__key__"]
+        assert "." not in key
+        meta = json.loads(s["json"])
+        codes = np.load(io.BytesIO(s["codes.npy"]), allow_pickle=False)
+        assert meta["key"] == key
+        assert set(meta["source"]) >= {"uri", "id", "duration", "sample_rate", "channels"}
+        assert meta["source"]["sample_rate"] == 16000 and meta["source"]["channels"] == 1
+        assert abs(meta["source"]["duration"] - 30.0) < 0.01
+        assert codes.dtype == np.int16 and codes.shape[0] == 32 == meta["codec"]["num_codebooks"]
+        assert meta["codec"]["name"] == "mimi" and meta["codec"]["frame_rate"] == 12.5
+        assert meta["codec"]["released"] is False  # embedded run: seeded random Mimi, and it says so
+        utts = meta["utterances"]
+        # Frame ranges tile the codes exactly, in order, one utterance after the other.
+        assert utts[0]["frames"][0] == 0 and utts[-1]["frames"][1] == codes.shape[1]
+        for a, b in zip(utts, utts[1:]):
+            assert a["frames"][1] == b["frames"][0] and a["start"] <= b["start"]
+        assert sum(u["frames"][1] - u["frames"][0] for u in utts) == codes.shape[1]
+        for u in utts:
+            assert u["text"] and u["speaker"]
+            assert 0 <= u["start"] < u["end"] <= meta["source"]["duration"] + 1e-6
+            assert u["frames"][1] - u["frames"][0] == int(np.ceil(round((u["end"] - u["start"]) * 24000) / 1920))
+        assert meta["start"] == utts[0]["start"] and meta["end"] == utts[-1]["end"]
+        # keep_audio is on for the embedded run: the window's 24 kHz audio.
+        import soundfile as sf
+
+        audio, rate = sf.read(io.BytesIO(s["flac"]))
+        assert rate == 24000 and abs(len(audio) / rate - (meta["end"] - meta["start"])) < 0.01
+    # The sample conversation has two speakers; the offline diarizer must find more than one.
+    assert len({u["speaker"] for s in samples for u in json.loads(s["json"])["utterances"]}) >= 2
+
+
+def test_manifest_matches_tar_samples_one_to_one(embedded_run):
+    shards, samples = _samples(embedded_run)
+    rows = pq.read_table(embedded_run / "manifest").to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(s["__key__"] for s in samples)
+    by_key = {s["__key__"]: s for s in samples}
+    for r in rows:
+        s = by_key[r["key"]]
+        meta = json.loads(s["json"])
+        assert s["__url__"].endswith(r["shard"])
+        assert r["frames"] == np.load(io.BytesIO(s["codes.npy"])).shape[1]
+        assert r["utterances"] == len(meta["utterances"])
+        assert r["speakers"] == len({u["speaker"] for u in meta["utterances"]})
+        assert r["text_chars"] == sum(len(u["text"]) for u in meta["utterances"])
+        assert abs(r["duration"] - (meta["end"] - meta["start"])) < 1e-9
+
+
+def test_stats_json_equals_the_manifest(embedded_run):
+    result = run_cli(["stats", str(embedded_run), "--json"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output)
+    rows = pq.read_table(embedded_run / "manifest").to_pylist()
+    assert stats["samples"] == len(rows)
+    assert stats["shards"] == len({r["shard"] for r in rows}) == len(glob.glob(str(embedded_run / "shards/*.tar")))
+    assert stats["utterances"] == sum(r["utterances"] for r in rows)
+    assert stats["frames"] == sum(r["frames"] for r in rows)
+    assert abs(stats["audio_hours"] - sum(r["duration"] for r in rows) / 3600) < 1e-9
+    assert abs(stats["input_hours"] - 30.0 / 3600) < 1e-6
+    assert stats["errors"] == 0
+    text = run_cli(["stats", str(embedded_run)]).output
+    assert f"samples        {len(rows)}" in text
+
+
+def test_run_json_records_config_versions_models_and_counts(embedded_run):
+    run = json.loads((embedded_run / "run.json").read_text())
+    assert run["embedded_default"] is True
+    assert run["config"]["tokenize"]["allow_unreleased"] is True
+    assert run["versions"]["moshi"] == "0.2.13" and run["versions"]["ray"].startswith("2.")
+    assert run["models"]["codec"]["released"] is False and "random-init" in run["models"]["codec"]["weights"]
+    assert run["models"]["asr"]["name"] == "whisperx"
+    assert run["counts"]["samples"] == len(pq.read_table(embedded_run / "manifest"))
+    assert abs(run["audio_hours"] * 3600 - 30.0) < 0.01
+    assert set(run["stage_seconds"]) >= {"vad", "diarize", "asr", "tokenize", "write"}
+
+
+def test_rerun_skips_finished_sources_and_keeps_bytes(embedded_run):
+    before = {p: open(p, "rb").read() for p in glob.glob(str(embedded_run / "shards/*.tar"))}
+    result = run_cli(["run", "--output", str(embedded_run)])
+    assert result.exit_code == 0, result.output
+    assert "(1 already done)" in result.output
+    after = {p: open(p, "rb").read() for p in glob.glob(str(embedded_run / "shards/*.tar"))}
+    assert after == before
+
+
+def test_changed_config_on_existing_output_is_refused(embedded_run):
+    result = run_cli(["run", "--output", str(embedded_run), "--set", "vad.threshold=0.7"])
+    assert result.exit_code != 0 and "vad.threshold" in result.output

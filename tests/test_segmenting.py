@@ -1,0 +1,82 @@
+"""utterances, windows and config: pure functions on typed records."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, parse_set
+from stages.records import Region, Turn, Utterance
+from stages.utterances import UtterancesConfig, assign_speaker, merge_utterances, split_at_turns
+from stages.windows import WindowsConfig, audio_frames, group_windows, positions
+
+
+def test_split_at_turns_cuts_where_the_speaker_changes():
+    turns = [Turn(0.0, 3.0, "A"), Turn(3.0, 6.0, "B"), Turn(5.9, 6.1, "A")]  # a 0.2 s blip is absorbed
+    pieces = split_at_turns(Region(1.0, 6.0), turns, min_piece=0.5)
+    assert [(round(p.start, 2), round(p.end, 2)) for p in pieces] == [(1.0, 3.0), (3.0, 6.0)]
+    assert split_at_turns(Region(1.0, 2.0), [Turn(0, 5, "A")], 0.5) == [Region(1.0, 2.0)]
+
+
+def test_assign_speaker_by_most_overlap_and_measures_overlap():
+    turns = [Turn(0.0, 4.0, "A"), Turn(3.0, 10.0, "B")]
+    assert assign_speaker(2.0, 5.0, turns) == ("A", 1.0)  # A 2 s, B 2 s: tie -> smaller label; both talk 3..4
+    speaker, overlap = assign_speaker(3.5, 9.0, turns)
+    assert speaker == "B" and overlap == pytest.approx(0.5)
+    # One speaker's own overlapping turns are not overlapped speech.
+    assert assign_speaker(0.0, 5.0, [Turn(0, 3, "A"), Turn(2, 5, "A")]) == ("A", 0.0)
+    assert assign_speaker(20.0, 21.0, turns) == (None, 0.0)
+
+
+def _utt(s, e, spk="A", text="hello there"):
+    return Utterance(spk, s, e, text)
+
+
+def test_merge_same_speaker_short_pauses_up_to_max_length():
+    cfg = UtterancesConfig(merge_gap=0.5, max_seconds=5.0)
+    out = merge_utterances([_utt(0, 1), _utt(1.3, 2), _utt(2.2, 4.9), _utt(5.1, 6), _utt(6.1, 7, "B")], cfg)
+    assert [(u.start, u.end, u.speaker) for u in out] == [(0, 4.9, "A"), (5.1, 6, "A"), (6.1, 7, "B")]
+    assert out[0].text == "hello there hello there hello there"
+
+
+def test_windows_respect_the_budget_and_keep_order():
+    cfg = WindowsConfig(max_positions=300)
+    utts = [_utt(i * 5.0, i * 5.0 + 4.0, "AB"[i % 2], "word " * 10) for i in range(12)]
+    windows, too_long = group_windows(utts, cfg)
+    assert not too_long and len(windows) > 1
+    flat = [u for w in windows for u in w]
+    assert flat == sorted(utts, key=lambda u: u.start)  # every utterance once, in order
+    for w in windows:
+        assert sum(positions(u, cfg) for u in w) <= cfg.max_positions
+    # Greedy: adding the next utterance would have broken the budget.
+    for w, nxt in zip(windows, windows[1:]):
+        assert sum(positions(u, cfg) for u in w) + positions(nxt[0], cfg) > cfg.max_positions
+
+
+def test_window_budget_counts_frames_text_and_end_of_audio():
+    u = _utt(0.0, 2.0, "S0", "abcdefg")  # 2 s -> 25 frames; "[S0]abcdefg" = 11 chars -> 4 tokens + BOS/EOS
+    assert audio_frames(2.0) == 25 and audio_frames(2.01) == 26
+    assert positions(u, WindowsConfig(chars_per_token=3.5)) == 25 + 6 + 1
+
+
+def test_gap_starts_a_new_window_and_oversized_utterances_are_reported():
+    cfg = WindowsConfig(max_gap_seconds=10.0, max_positions=200)
+    windows, too_long = group_windows([_utt(0, 2), _utt(30, 32), _utt(40, 59)], cfg)
+    assert [[u.start for u in w] for w in windows] == [[0], [30]]
+    assert [u.start for u in too_long] == [40]
+
+
+def test_config_overrides_and_unknown_keys(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("asr:\n  batch_size: 4\nwindows:\n  max_positions: 1024\n")
+    cfg = load_config([f], ["vad.threshold=0.6", "tokenize.weights=/m.safetensors", "decode.chunk_seconds=60"])
+    assert cfg.asr.batch_size == 4 and cfg.windows.max_positions == 1024
+    assert cfg.vad.threshold == 0.6 and cfg.tokenize.weights == "/m.safetensors"
+    assert cfg.decode.chunk_seconds == 60.0 and isinstance(cfg.decode.chunk_seconds, float)
+    assert load_config().asr.batch_size != 4  # defaults untouched by earlier loads
+    with pytest.raises(ConfigError, match="asr.batch_sise"):
+        load_config([], ["asr.batch_sise=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'nope'"):
+        load_config([], ["nope.x=1"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config([], ["asr.batch_size=many"])
+    assert parse_set("a.b.c=null") == {"a": {"b": {"c": None}}}
