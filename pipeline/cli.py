@@ -45,6 +45,7 @@ def run(inputs, output, config_files, sets, address, allow_config_change) -> Non
     config.write.output = output
     out = OutputDir(output)
     out.makedirs()
+    out.remove_temporaries()
     try:
         check_config(out, config, allow_config_change)
     except ConfigError as exc:

@@ -33,6 +33,7 @@ class Progress:
         self.stage_seconds: Counter[str] = Counter()
         self.stage_cpu: Counter[str] = Counter()
         self.models: dict[str, Any] = {}
+        self.nodes: set[str] = set()
 
     def update(self, chunk: Chunk) -> None:
         w = chunk.written
@@ -46,6 +47,7 @@ class Progress:
             self.errors[e] += 1
         self.stage_seconds.update(chunk.timings)
         self.stage_cpu.update(chunk.cpu_times)
+        self.nodes.update(chunk.custom.get("nodes", {}).values())
         for name in ("codec", "diarizer"):
             if w.get(name) and name not in self.models:
                 self.models[name] = w[name]
@@ -90,4 +92,5 @@ class Progress:
             "stage_seconds": dict(self.stage_seconds),
             "stage_cpu_seconds": dict(self.stage_cpu),
             "models": self.models,
+            "nodes_used": len(self.nodes),
         }

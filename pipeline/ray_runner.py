@@ -7,10 +7,12 @@ so Ray never guesses an Arrow type for them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
 import warnings
+from dataclasses import asdict
 from typing import Any, Iterator
 
 import numpy as np
@@ -22,24 +24,28 @@ from stages.asr import AsrStage
 from stages.base import Stage
 from stages.decode import DecodeStage
 from stages.diarize import DiarizeStage
-from stages.records import Chunk
+from stages.records import Chunk, ErrorRecord, source_id
 from stages.tokenize import TokenizeStage
 from stages.utterances import UtterancesStage
 from stages.vad import VadStage
 from stages.windows import WindowsStage
-from stages.write import WriteStage
+from stages.write import OutputDir, WriteStage
 
 log = logging.getLogger(__name__)
 
 
 def build_stages(config: PipelineConfig) -> list[Stage]:
     """Every stage after decode, in order."""
+    from stages.filters import FilterStage, filters_config  # utterance filters before windows, window filters after
+
     return [
         VadStage(config.vad),
         DiarizeStage(config.diarize),
         AsrStage(config.asr),
         UtterancesStage(config.utterances),
+        FilterStage(filters_config(config), level="utterance"),
         WindowsStage(config.windows),
+        FilterStage(filters_config(config), level="window"),
         TokenizeStage(config.tokenize),
         WriteStage(config.write),
     ]
@@ -63,7 +69,11 @@ class StageWorker:
         self.stage = stage
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
-        return _dumps(self.stage.process_batch(_loads(batch)))
+        chunks = self.stage.process_batch(_loads(batch))
+        node = ray.get_runtime_context().get_node_id()
+        for chunk in chunks:
+            chunk.custom.setdefault("nodes", {})[self.stage.name] = node
+        return _dumps(chunks)
 
 
 def apply_stage(ds: "ray.data.Dataset", stage: Stage, max_retries: int) -> "ray.data.Dataset":
@@ -135,7 +145,27 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, addr
     ds = ds.map_batches(_decode(decode), batch_size=1, num_cpus=decode.resources().cpus, max_retries=max_retries)
     for stage in stages:
         ds = apply_stage(ds, stage, max_retries)
+    # Per-item failures are caught inside the stages. What reaches Ray is a worker that died (killed,
+    # out of memory, crashed in native code): Ray retries it `max_retries` times, then drops that
+    # block instead of failing the run, and the source is recorded as an error below.
+    ctx.max_errored_blocks = -1
     for row in ds.iter_rows():
         progress.update(pickle.loads(row["chunk"]))
     progress.finish()
+    record_incomplete(OutputDir(config.write.output), uris, progress, max_retries)
     return progress.summary()
+
+
+def record_incomplete(out: OutputDir, uris: list[str], progress: Progress, max_retries: int) -> None:
+    """An error record for each source whose chunks did not all come back; cleared once it completes."""
+    for uri in uris:
+        rel = f"errors/{source_id(uri)}-incomplete.jsonl"
+        if uri in progress.done_sources:
+            if out.exists(rel):
+                out.fs.delete_file(out.path(rel))
+            continue
+        seen = sorted(progress.chunks_seen.get(uri, ()))
+        record = ErrorRecord(uri, source_id(uri), "worker", "WorkerCrashed",
+                             f"worker died {max_retries + 1} times; chunks completed: {seen}; rerun to retry")
+        out.write_bytes(rel, (json.dumps(asdict(record), sort_keys=True) + "\n").encode())
+        progress.errors["WorkerCrashed"] += 1

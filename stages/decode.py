@@ -150,6 +150,8 @@ def decode_chunks(uri: str, config: DecodeConfig) -> Iterator[Chunk]:
             raise DecodeError("no audio samples decoded")
         pending.last = True
         recording.duration = offset16 / ANALYSIS_RATE  # exact once fully decoded
+        if not warning and estimated and recording.duration < estimated - max(1.0, 0.05 * estimated):
+            warning = f"decoded {recording.duration:.2f} s of the {estimated:.2f} s the header declares"
         if warning:
             pending.custom["warnings"] = [
                 ErrorRecord(uri, sid, "decode", "TruncatedStream", warning, chunk=pending.index)

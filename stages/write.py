@@ -64,6 +64,20 @@ class OutputDir:
             f.write(data)
         self.fs.move(tmp, final)
 
+    def remove_temporaries(self) -> int:
+        """Delete `.tmp-*` files a killed run left behind (one writer per corpus at a time)."""
+        from pyarrow import fs
+
+        stale = [
+            i.path
+            for sub in SUBDIRS
+            for i in self.fs.get_file_info(fs.FileSelector(self.path(sub), allow_not_found=True))
+            if i.base_name.startswith(".tmp-")
+        ]
+        for path in stale:
+            self.fs.delete_file(path)
+        return len(stale)
+
     def exists(self, rel: str) -> bool:
         from pyarrow import fs
 

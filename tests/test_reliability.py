@@ -1,0 +1,229 @@
+"""Reliability: bad inputs beside good ones, SIGKILL and resume, long files, several nodes, secrets.
+
+The runs here are real pipeline runs (subprocesses where a process must be killed or a separate
+cluster joined), on short clips of pyannote's sample so they stay affordable on 2 cores.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from tests.conftest import run_cli, tone
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--set", "tokenize.allow_unreleased=true", "--set", "decode.chunk_seconds=12", "--set", "decode.cut_search_seconds=2"]
+
+
+@pytest.fixture(scope="module")
+def clips(sample_wav, tmp_path_factory) -> list[Path]:
+    """Two real conversation clips (parts of the sample), 15 s each: three chunks with chunk_seconds=12."""
+    audio, rate = sf.read(sample_wav, dtype="float32")
+    d = tmp_path_factory.mktemp("clips")
+    paths = []
+    for i, start in enumerate((6.0, 14.0)):
+        p = d / f"conv{i}.wav"
+        sf.write(p, audio[int(start * rate) : int((start + 15.0) * rate)], rate)
+        paths.append(p)
+    return paths
+
+
+def corpus_files(out: Path) -> dict[str, bytes]:
+    """Everything a run produces that must be identical across runs (run.json has timings)."""
+    files = {}
+    for sub in ("shards", "manifest", "chunks", "rejected", "errors"):
+        for p in sorted((out / sub).glob("*")):
+            files[f"{sub}/{p.name}"] = p.read_bytes()
+    return files
+
+
+def cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    return text
+
+
+@pytest.fixture(scope="module")
+def reference(clips, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    finish(cli([*map(str, clips), "--output", str(out), *FAST]))
+    return out
+
+
+def test_reference_run_has_several_chunks_per_source(reference):
+    chunks = [json.loads(p.read_text()) for p in (reference / "chunks").glob("*.json")]
+    assert len(chunks) >= 4 and sum(c["samples"] for c in chunks) >= 2
+    assert {c["chunk"] for c in chunks} >= {0, 1}
+
+
+@pytest.mark.parametrize("kill_after_chunks", [1, 3])
+def test_sigkill_then_resume_gives_exactly_the_uninterrupted_corpus(reference, clips, tmp_path, kill_after_chunks):
+    out = tmp_path / "corpus"
+    proc = cli([*map(str, clips), "--output", str(out), *FAST])
+    deadline = time.time() + 600
+    while len(list((out / "chunks").glob("*.json"))) < kill_after_chunks and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray workers and raylet: no cleanup at all
+    proc.wait()
+    partial = corpus_files(out)
+    assert 0 < len(partial) and len(partial) <= len(corpus_files(reference))
+    finish(cli([*map(str, clips), "--output", str(out), *FAST]))
+    assert corpus_files(out) == corpus_files(reference)  # same names, same bytes: none missing, none twice
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_bad_inputs_are_recorded_and_good_files_unchanged(ray_session, clips, reference, tmp_path):
+    d = tmp_path / "crawl"
+    d.mkdir()
+    good = d / "conv0.wav"
+    good.write_bytes(clips[0].read_bytes())
+    (d / "empty.wav").write_bytes(b"")
+    (d / "random.mp3").write_bytes(np.random.default_rng(1).bytes(20000))
+    (d / "notes.mp3").write_text("this is a text file, not audio\n" * 50)
+    (d / "folder.wav").mkdir()
+    sf.write(d / "silence.wav", np.zeros(16000 * 5, np.float32), 16000)
+    sf.write(d / "noise.wav", np.random.default_rng(2).standard_normal(16000 * 5).astype(np.float32) * 0.3, 16000)
+    sf.write(d / "blip.wav", tone(0.1, 16000), 16000)
+    nan = tone(3.0, 16000)
+    nan[1000:2000] = np.nan
+    sf.write(d / "nan.wav", nan, 16000, subtype="FLOAT")
+    sf.write(d / "cut.flac", np.tile(tone(1.0, 16000), 20), 16000)
+    data = (d / "cut.flac").read_bytes()
+    (d / "cut.flac").write_bytes(data[: len(data) // 2])
+    (d / "weird.sph").write_bytes(b"NIST_1A\n   1024\nsample_count -i 99999999\nend_head\n" + b"\0" * 100)
+    out = tmp_path / "out"
+    result = run_cli(["run", str(d), "--output", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+
+    errors = [json.loads(line) for p in (out / "errors").glob("*.jsonl") for line in p.read_text().splitlines()]
+    rejected = pq.read_table(out / "rejected").to_pylist() if list((out / "rejected").glob("*.parquet")) else []
+    recorded = {Path(e["uri"]).name: e for e in errors}
+    for name in ("empty.wav", "random.mp3", "notes.mp3", "nan.wav", "weird.sph"):
+        assert recorded[name]["stage"] == "decode" and recorded[name]["message"], name
+    assert recorded["cut.flac"]["error_type"] == "TruncatedStream"
+    rejected_sources = {r["uri"].rsplit("/", 1)[-1]: r["reason"] for r in rejected}
+    for name in ("silence.wav", "blip.wav"):
+        assert rejected_sources.get(name) == "no_speech", (name, rejected_sources)
+    noise_id = [c for c in (out / "chunks").glob("noise-*.json")]
+    assert noise_id and ("noise.wav" in rejected_sources or "noise.wav" in recorded or
+                         json.loads(noise_id[0].read_text())["samples"] >= 0)
+    # The good file: exactly the samples it produces alone (same source path -> same keys and bytes).
+    alone = {k: v for k, v in corpus_files(reference).items() if "conv0-" in k}
+    mixed = {k: v for k, v in corpus_files(out).items() if "conv0-" in k}
+    assert alone and mixed == alone
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_is_an_error(ray_session, tmp_path):
+    p = tmp_path / "locked.wav"
+    sf.write(p, tone(1.0, 16000), 16000)
+    p.chmod(0)
+    out = tmp_path / "out"
+    assert run_cli(["run", str(p), "--output", str(out), *FAST]).exit_code == 0
+    (err,) = [json.loads(x) for f in (out / "errors").glob("*.jsonl") for x in f.read_text().splitlines()]
+    assert err["error_type"] == "PermissionError"
+
+
+def _peak_rss_decoding(path: Path) -> int:
+    code = (
+        "import resource, sys; from stages.decode import DecodeConfig, decode_chunks\n"
+        "n = sum(c.audio16k.shape[1] for c in decode_chunks(sys.argv[1], DecodeConfig(chunk_seconds=60)))\n"
+        "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True, check=True)
+    samples, kb = map(int, out.stdout.split())
+    return samples, kb * 1024
+
+
+def test_long_file_memory_is_bounded_by_chunk_not_length(tmp_path):
+    rate = 16000
+    block = (np.random.default_rng(3).standard_normal(rate * 60) * 0.1).astype(np.float32)
+    sizes = {}
+    for minutes in (10, 60):
+        p = tmp_path / f"long{minutes}.flac"
+        with sf.SoundFile(p, "w", rate, 1, format="FLAC") as f:
+            for _ in range(minutes):
+                f.write(block)
+        samples, peak = _peak_rss_decoding(p)
+        assert samples == minutes * 60 * rate
+        sizes[minutes] = peak
+    print(f"peak RSS decoding 10 min: {sizes[10] / 2**20:.0f} MiB, 60 min: {sizes[60] / 2**20:.0f} MiB")
+    assert sizes[60] < 1.3 * sizes[10]  # 6x the audio, nearly the same memory
+
+
+def test_hub_token_never_reaches_outputs(ray_session, clips, tmp_path, monkeypatch):
+    secret = "hf_SECRETtoken1234567890"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    out = tmp_path / "out"
+    result = run_cli(["run", str(clips[1]), "--output", str(out), *FAST])
+    assert result.exit_code == 0
+    assert secret not in result.output
+    for p in out.rglob("*"):
+        if p.is_file():
+            assert secret.encode() not in p.read_bytes(), p
+
+
+def _ray_workers(name: str) -> list[int]:
+    """PIDs of Ray worker processes whose title mentions `name` (Ray sets titles like ray::MapWorker(...))."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith("ray::") and name in cmd:
+                pids.append(int(p.name))
+    return pids
+
+
+def test_worker_killed_mid_run_is_retried_and_loses_nothing(reference, clips, tmp_path):
+    out = tmp_path / "corpus"
+    proc = cli([*map(str, clips), "--output", str(out), *FAST])
+    deadline, killed = time.time() + 600, []
+    # Kill the actors (model workers) as soon as the first chunk is through, while work remains.
+    while not killed and proc.poll() is None:
+        assert time.time() < deadline
+        if list((out / "chunks").glob("*.json")):
+            killed = _ray_workers("MapWorker")
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    assert killed, "no worker to kill: the run finished too fast"
+    finish(proc)
+    assert corpus_files(out) == corpus_files(reference)
+
+
+def test_several_nodes_give_the_same_samples(reference, clips, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2})
+    try:
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        out = tmp_path / "corpus"
+        log = finish(cli([*map(str, clips), "--output", str(out), "--address", cluster.address, *FAST]))
+        assert corpus_files(out) == corpus_files(reference), log[-2000:]
+        assert json.loads((out / "run.json").read_text())["nodes_used"] == 2  # the work really spread
+    finally:
+        cluster.shutdown()
