@@ -7,12 +7,13 @@ the quietest point near the boundary so an utterance is rarely split.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-from stages.base import Resources, Stage
+from stages.base import Resources, Stage, process_cpu_seconds
 from stages.records import ANALYSIS_RATE, CODEC_RATE, Chunk, ErrorRecord, Recording, source_id
 
 # Cut positions are multiples of this many 16 kHz samples so that the matching 24 kHz index
@@ -169,8 +170,15 @@ class DecodeStage(Stage):
 
     def chunks(self, uri: str) -> Iterator[Chunk]:
         next_index = 0
+        chunks = decode_chunks(uri, self.config)
         try:
-            for chunk in decode_chunks(uri, self.config):
+            while True:
+                wall, cpu = time.perf_counter(), process_cpu_seconds()
+                chunk = next(chunks, None)
+                if chunk is None:
+                    return
+                chunk.timings[self.name] = time.perf_counter() - wall
+                chunk.cpu_times[self.name] = process_cpu_seconds() - cpu
                 next_index = chunk.index + 1
                 yield chunk
         except Exception as exc:

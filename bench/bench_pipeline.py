@@ -1,0 +1,101 @@
+"""End-to-end throughput, per-stage CPU, scaling, and the side-by-side with the sequential script.
+
+    python bench/bench_pipeline.py [--sizes 4,8,16] [--baseline] [--workdir /tmp/csm-bench]
+
+Each size is N distinct 30 s conversations, run by `pipeline run` in a fresh process (a fresh
+local Ray, models loaded in their actors: the whole cost a user pays). Machine CPU is read from
+/proc/stat, so Ray's own processes are counted; run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import ROOT, make_inputs, table
+
+MODEL_STAGES = ("vad", "diarize", "asr", "tokenize")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds spent busy by the whole machine since boot (all cores)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def run_pipeline(inputs: list[Path], out: Path) -> dict:
+    busy, t0 = machine_busy_seconds(), time.time()
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", *map(str, inputs), "--output", str(out),
+           "--set", "tokenize.allow_unreleased=true", "--allow-config-change"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    wall, busy = time.time() - t0, machine_busy_seconds() - busy
+    run = json.loads((out / "run.json").read_text())
+    return {"wall": wall, "busy": busy, "run": run}
+
+
+def run_baseline(inputs: list[Path], out: Path) -> dict:
+    busy, t0 = machine_busy_seconds(), time.time()
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "sequential_baseline.py"), str(out), *map(str, inputs)],
+                         cwd=ROOT, check=True, capture_output=True, text=True)
+    wall, busy = time.time() - t0, machine_busy_seconds() - busy
+    return {"wall": wall, "busy": busy, **json.loads(res.stdout.strip().splitlines()[-1])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="4,8,16")
+    ap.add_argument("--baseline", action="store_true")
+    ap.add_argument("--workdir", default="/tmp/csm-bench")
+    args = ap.parse_args()
+    work, cores = Path(args.workdir), os.cpu_count() or 1
+    sizes = [int(s) for s in args.sizes.split(",")]
+    inputs = make_inputs(work / "inputs", max(sizes))
+    results = {}
+    for n in sizes:
+        out = work / f"out-{n}"
+        subprocess.run(["rm", "-rf", str(out)])
+        results[n] = run_pipeline(inputs[:n], out)
+        r = results[n]["run"]
+        print(f"[{n} inputs] {r['audio_hours'] * 3600:.0f} s audio in {results[n]['wall']:.1f} s", file=sys.stderr)
+
+    rows = []
+    for n, res in results.items():
+        r = res["run"]
+        audio = r["audio_hours"] * 3600
+        model_cpu = sum(r["stage_cpu_seconds"].get(s, 0.0) for s in MODEL_STAGES)
+        rows.append([n, f"{audio:.0f}", f"{res['wall']:.1f}", f"{r['wall_seconds']:.1f}", f"{audio / res['wall']:.2f}",
+                     f"{audio / res['wall']:.0f}", f"{res['busy'] / (cores * res['wall']):.2f}",
+                     f"{model_cpu / (cores * res['wall']):.2f}", f"{1 - model_cpu / max(res['busy'], 1e-9):.2f}"])
+    print("\n## End to end (audio hours per wall hour = x real time)\n")
+    print(table(rows, ["inputs", "audio s", "wall s", "pipeline s", "x real time", "h/h", "machine busy", "model CPU eff.", "CPU outside models"]))
+    first, last = sizes[0], sizes[-1]
+    print(f"\nscaling: {last / first:.0f}x input -> {results[last]['wall'] / results[first]['wall']:.2f}x wall time")
+
+    largest = results[last]["run"]
+    stage_rows = [[s, f"{largest['stage_seconds'].get(s, 0):.1f}", f"{largest['stage_cpu_seconds'].get(s, 0):.1f}",
+                   f"{largest['audio_hours'] * 3600 / max(largest['stage_seconds'].get(s, 0), 1e-9):.1f}"]
+                  for s in ["decode", *MODEL_STAGES, "utterances", "windows", "write"] if s in largest["stage_seconds"] or s == "decode"]
+    print(f"\n## Per stage, {last} inputs (wall and CPU seconds inside the stage, summed over chunks)\n")
+    print(table(stage_rows, ["stage", "wall s", "CPU s", "x real time"]))
+
+    if args.baseline:
+        n = sizes[0]
+        base = run_baseline(inputs[:n], work / "baseline")
+        ours = results[n]
+        audio = base["audio_seconds"]
+        print(f"\n## Side by side, {n} inputs, same models\n")
+        print(table([
+            ["sequential script", f"{base['wall']:.1f}", f"{base['load_seconds']:.1f}", f"{audio / base['wall']:.2f}", f"{base['busy'] / (cores * base['wall']):.2f}"],
+            ["csm-corpus pipeline", f"{ours['wall']:.1f}", "-", f"{audio / ours['wall']:.2f}", f"{ours['busy'] / (cores * ours['wall']):.2f}"],
+        ], ["", "wall s", "model load s", "x real time", "machine busy"]))
+        print(f"\npipeline / sequential throughput: {base['wall'] / ours['wall']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

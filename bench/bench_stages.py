@@ -1,0 +1,60 @@
+"""Real-time factor of each stage alone (one process, all cores), so the bottleneck is visible.
+
+    python bench/bench_stages.py [--inputs 4] [--threads N]
+
+Each stage runs over the chunks the previous stages produced; only the stage itself is timed,
+model loading reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from common import make_inputs, table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--inputs", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+
+    from pipeline.config import load_config
+    from pipeline.ray_runner import build_stages
+    from stages.base import process_cpu_seconds
+    from stages.decode import DecodeStage
+
+    config = load_config([], [f"{s}.cpus={args.threads}" for s in ("vad", "diarize", "asr", "tokenize")] + ["tokenize.allow_unreleased=true"])
+    work = Path(tempfile.mkdtemp(prefix="csm-stages-"))
+    config.write.output = str(work / "out")
+    inputs = make_inputs(Path(tempfile.gettempdir()) / "csm-bench" / "inputs", args.inputs)
+
+    decode = DecodeStage(config.decode)
+    t, cpu = time.perf_counter(), process_cpu_seconds()
+    chunks = [c for p in inputs for c in decode.chunks(str(p))]
+    rows = [["decode", "-", f"{time.perf_counter() - t:.2f}", f"{process_cpu_seconds() - cpu:.2f}"]]
+    audio = sum(c.duration for c in chunks)
+    from stages.write import OutputDir
+
+    OutputDir(config.write.output).makedirs()
+    for stage in build_stages(config):
+        t = time.perf_counter()
+        stage.setup()
+        stage._ready = True
+        load = time.perf_counter() - t
+        t, cpu = time.perf_counter(), process_cpu_seconds()
+        chunks = stage.process_batch(chunks)
+        rows.append([stage.name, f"{load:.2f}", f"{time.perf_counter() - t:.2f}", f"{process_cpu_seconds() - cpu:.2f}"])
+    rows = [r + [f"{audio / max(float(r[2]), 1e-9):.1f}"] for r in rows]
+    print(f"## Each stage alone: {len(inputs)} inputs, {audio:.0f} s of audio, {args.threads} threads\n")
+    print(table(rows, ["stage", "load s", "wall s", "CPU s", "x real time"]))
+    bottleneck = min((r for r in rows if r[0] not in ("utterances", "windows")), key=lambda r: float(r[4]))
+    print(f"\nbottleneck: {bottleneck[0]} ({bottleneck[4]}x real time)")
+
+
+if __name__ == "__main__":
+    main()
