@@ -85,19 +85,9 @@ def stats(directory: str, as_json: bool) -> None:
     click.echo(json.dumps(s, indent=1, sort_keys=True) if as_json else format_stats(s))
 
 
-def _register_train() -> None:
-    try:
-        from train.cli import train
-    except ImportError as exc:  # the trainer is optional at import time; say why if it is missing
-        @main.command(name="train")
-        def train_missing() -> None:
-            """(unavailable)"""
-            raise click.ClickException(f"trainer unavailable: {exc}")
-        return
-    main.add_command(train, name="train")
+from train.cli import train  # noqa: E402  (registered after the group exists)
 
-
-_register_train()
+main.add_command(train, name="train")
 
 if __name__ == "__main__":
     sys.exit(main())

