@@ -75,14 +75,20 @@ def run(inputs, output, config_files, sets, address, allow_config_change) -> Non
 @main.command()
 @click.argument("directory")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def stats(directory: str, as_json: bool) -> None:
-    """What is in the corpus at DIRECTORY."""
+@click.option("--report", default=None, metavar="FILE.html", help="Also write an HTML report, PNG figures next to it.")
+def stats(directory: str, as_json: bool, report: str | None) -> None:
+    """What is in the corpus at DIRECTORY (read from manifests, not shards)."""
     from pipeline.stats import corpus_stats, format_stats
 
     if "://" not in directory and not os.path.isdir(directory):
         raise click.UsageError(f"no corpus at {directory}")
     s = corpus_stats(directory)
     click.echo(json.dumps(s, indent=1, sort_keys=True) if as_json else format_stats(s))
+    if report:
+        from pipeline.report import write_report
+
+        pngs = write_report(directory, report)
+        click.echo(f"[csm-corpus] report: {report} ({len(pngs)} figures)", err=True)
 
 
 from train.cli import train  # noqa: E402  (registered after the group exists)

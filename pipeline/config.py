@@ -13,6 +13,7 @@ import yaml
 from stages.asr import AsrConfig
 from stages.decode import DecodeConfig
 from stages.diarize import DiarizeConfig
+from stages.filters import FiltersConfig
 from stages.tokenize import TokenizeConfig
 from stages.utterances import UtterancesConfig
 from stages.vad import VadConfig
@@ -41,6 +42,7 @@ class PipelineConfig:
     diarize: DiarizeConfig = field(default_factory=DiarizeConfig)
     asr: AsrConfig = field(default_factory=AsrConfig)
     utterances: UtterancesConfig = field(default_factory=UtterancesConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
     windows: WindowsConfig = field(default_factory=WindowsConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     write: WriteConfig = field(default_factory=WriteConfig)

@@ -24,6 +24,7 @@ from stages.asr import AsrStage
 from stages.base import Stage
 from stages.decode import DecodeStage
 from stages.diarize import DiarizeStage
+from stages.filters import FilterStage
 from stages.records import Chunk, ErrorRecord, source_id
 from stages.tokenize import TokenizeStage
 from stages.utterances import UtterancesStage
@@ -36,16 +37,14 @@ log = logging.getLogger(__name__)
 
 def build_stages(config: PipelineConfig) -> list[Stage]:
     """Every stage after decode, in order."""
-    from stages.filters import FilterStage, filters_config  # utterance filters before windows, window filters after
-
     return [
         VadStage(config.vad),
         DiarizeStage(config.diarize),
         AsrStage(config.asr, config.utterances),
         UtterancesStage(config.utterances),
-        FilterStage(filters_config(config), level="utterance"),
+        FilterStage(config.filters, level="utterance"),  # before windows: no rejected utterance inside a kept window
         WindowsStage(config.windows),
-        FilterStage(filters_config(config), level="window"),
+        FilterStage(config.filters, level="window"),
         TokenizeStage(config.tokenize),
         WriteStage(config.write),
     ]

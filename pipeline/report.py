@@ -8,6 +8,8 @@ import html
 import os
 from typing import Any
 
+import numpy as np
+
 from pipeline.stats import corpus_stats, format_stats
 
 _TITLES = {
@@ -33,14 +35,15 @@ def _funnel_figure(plt, f: dict[str, Any], path: str) -> None:
     labels.append("kept")
     values.append(f["kept_hours"])
     colors = ["#4c72b0"] + ["#c44e52"] * (len(labels) - 2) + ["#55a868"]
+    scale, unit = (1.0, "h") if f["input_hours"] >= 2 else (3600.0, "s")
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.2))
     y = list(range(len(labels)))[::-1]
-    ax.barh(y, [v * 3600 for v in values], color=colors)
+    ax.barh(y, [v * scale for v in values], color=colors)
     ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlabel("seconds of audio")
+    ax.set_xlabel("hours of audio" if unit == "h" else "seconds of audio")
     ax.set_title("Funnel: where the input audio went")
     for yi, v in zip(y, values):
-        ax.text(v * 3600, yi, f" {v * 3600:.1f} s", va="center", fontsize=7)
+        ax.text(v * scale, yi, f" {v * scale:.{3 if unit == 'h' else 1}f} {unit}", va="center", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -49,7 +52,7 @@ def _funnel_figure(plt, f: dict[str, Any], path: str) -> None:
 def _hist_figure(plt, name: str, values: list[float], path: str) -> None:
     title, xlabel = _TITLES.get(name, (name, name))
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    bins = min(40, max(5, len(set(values))))
+    bins = min(40, max(5, len(np.unique(values))))
     ax.hist(values, bins=bins, color="#4c72b0", edgecolor="white")
     ax.set_title(f"{title} (n={len(values)})", fontsize=10)
     ax.set_xlabel(xlabel, fontsize=8)
@@ -94,8 +97,9 @@ def write_report(corpus_dir: str, html_path: str) -> list[str]:
         _funnel_figure(plt, stats["funnel"], png("funnel"))
         figures.append((os.path.basename(pngs[-1]), "Funnel"))
     for name in _TITLES:
-        values = dists.get(name) or []
-        if values:
+        values = np.asarray(dists.get(name, []), dtype=float)
+        values = values[np.isfinite(values)]
+        if len(values):
             _hist_figure(plt, name, values, png(name))
             figures.append((os.path.basename(pngs[-1]), _TITLES[name][0]))
     if stats["languages"]:

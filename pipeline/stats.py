@@ -25,12 +25,16 @@ and the silence inside a rejected window counts as VAD non-speech.
 from __future__ import annotations
 
 import bisect
+import functools
+import io
+import os
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from pipeline.corpus import chunk_records, read_errors, read_parquet_dir
+from pipeline.corpus import chunk_records, read_errors
 from stages.write import OutputDir
 
 STAGE_ORDER = ["decode", "vad", "diarize", "asr", "utterances", "filters:utterance", "windows", "filters:window", "tokenize", "write"]
@@ -62,18 +66,18 @@ def _union(iv: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def _subtract(iv: list[tuple[float, float]], taken: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Parts of a sorted disjoint list not inside another sorted disjoint list."""
-    out = []
+    """Parts of a sorted disjoint list not inside another sorted disjoint list (one merge pass)."""
+    out, j, n = [], 0, len(taken)
     for a, b in iv:
-        cur = a
-        for c, d in taken[max(0, bisect.bisect_left(taken, (a, a)) - 1) :]:
-            if c >= b:
-                break
-            if d <= cur:
-                continue
+        while j < n and taken[j][1] <= a:
+            j += 1
+        cur, k = a, j
+        while k < n and taken[k][0] < b:
+            c, d = taken[k]
             if c > cur:
                 out.append((cur, c))
             cur = max(cur, d)
+            k += 1
         if cur < b:
             out.append((cur, b))
     return out
@@ -93,6 +97,7 @@ def line_key(stage: str, reason: str, level: str | None) -> str:
     return f"{stage}:{reason}"
 
 
+@functools.lru_cache(maxsize=None)
 def line_rank(stage: str, reason: str, level: str | None) -> tuple:
     """Sort key: pipeline order, then reason order within the stage; chunk-level last in a stage."""
     if stage == "filters":
@@ -106,52 +111,75 @@ def line_rank(stage: str, reason: str, level: str | None) -> tuple:
     return (s, level == "chunk", r, reason)
 
 
+Record = tuple  # (source_id, stage, reason, level, start, end)
+
+
 def funnel(chunks: list[dict], rejected: list[dict], manifest: list[dict], errors: list[dict]) -> dict[str, Any]:
-    """Hours in, attributed to exactly one line each (see the module doc). Returns
-    {input_hours, kept_hours, lines: [{line, hours, records}], unaccounted_hours, total_hours}."""
+    """Hours in, attributed to exactly one line each (see the module doc), from row dicts.
+    Returns {input_hours, lines: [{line, hours, records}], kept_hours, unaccounted_hours, ...}."""
+    recs = [(r["source_id"], r["stage"], r["reason"], r.get("level"), r["start"], r["end"]) for r in rejected]
+    kept: dict[tuple[str, int], tuple[list, list]] = defaultdict(lambda: ([], []))
+    for m in manifest:
+        windows, spans = kept[(m["source_id"], m["chunk"])]
+        windows.append((m["start"], m["end"]))
+        uq = m.get("utterance_quality")
+        spans += [(u["start"], u["end"]) for u in uq] if uq else [(m["start"], m["end"])]
+    return _funnel(chunks, recs, kept, errors)
+
+
+def _funnel(chunks: list[dict], recs: list[Record], kept: dict[tuple[str, int], tuple[list, list]], errors: list[dict]) -> dict[str, Any]:
     error_stage: dict[tuple[str, int], str] = {}
     for e in errors:
         if e.get("chunk") is not None:
             error_stage.setdefault((e["source_id"], e["chunk"]), e["stage"])
-    rej_by_source: dict[str, list[dict]] = defaultdict(list)
-    for r in rejected:
-        rej_by_source[r["source_id"]].append(r)
-    man_by_source: dict[str, list[dict]] = defaultdict(list)
-    for m in manifest:
-        man_by_source[m["source_id"]].append(m)
-
-    seconds: Counter[str] = Counter()
+    # Records to chunks by time (the chunks of a source tile its timeline, so a record needs no
+    # chunk index); kept windows and utterance spans come keyed by (source, chunk).
+    starts: dict[str, list[float]] = defaultdict(list)
+    for c in sorted(chunks, key=lambda c: (c["source_id"], c["offset"])):
+        starts[c["source_id"]].append(c["offset"])
+    by_chunk: dict[tuple[str, float], list[Record]] = defaultdict(list)
     records: Counter[str] = Counter()
     ranks: dict[str, tuple] = {}
-    total_in = 0.0
-    for r in rejected:
-        key = line_key(r["stage"], r["reason"], r.get("level"))
+    keys: dict[tuple, str] = {}
+    for r in recs:
+        sid, stage, reason, level, a, b = r
+        key = keys.get((stage, reason, level))
+        if key is None:
+            key = keys[(stage, reason, level)] = line_key(stage, reason, level)
+            ranks.setdefault(key, line_rank(stage, reason, level))
         records[key] += 1
-        ranks.setdefault(key, line_rank(r["stage"], r["reason"], r.get("level")))
+        offs = starts.get(sid)
+        if not offs:
+            continue
+        i = max(0, bisect.bisect_right(offs, a) - 1)
+        by_chunk[(sid, offs[i])].append((key, a, b))
+        for j in range(i + 1, len(offs)):  # a record across a chunk boundary
+            if offs[j] >= b:
+                break
+            by_chunk[(sid, offs[j])].append((key, a, b))
+
+    seconds: Counter[str] = Counter()
+    total_in, unknown = 0.0, 0
     for c in chunks:
         a, b = c["offset"], c["offset"] + c["duration"]
         total_in += c["duration"]
         if c["duration"] <= 0:
+            unknown += bool(c.get("failed"))  # e.g. a file that could not be decoded at all
             continue
         if c.get("failed"):
-            stage = error_stage.get((c["source_id"], c["chunk"]), "unknown")
-            seconds[f"error:{stage}"] += c["duration"]
-            ranks.setdefault(f"error:{stage}", (-2,))
-            records[f"error:{stage}"] += 1
+            key = f"error:{error_stage.get((c['source_id'], c['chunk']), 'unknown')}"
+            seconds[key] += c["duration"]
+            ranks.setdefault(key, (-2,))
+            records[key] += 1
             continue
-        sid = c["source_id"]
-        rows = [m for m in man_by_source.get(sid, ()) if m.get("chunk") == c["chunk"]]
-        windows = _union([(max(a, m["start"]), min(b, m["end"])) for m in rows])
-        spans = []
-        for m in rows:
-            uq = m.get("utterance_quality")
-            spans += [(u["start"], u["end"]) for u in uq] if uq else [(m["start"], m["end"])]
+        windows, spans = kept.get((c["source_id"], c["chunk"]), ((), ()))
+        windows = _union([(max(a, s), min(b, e)) for s, e in windows])
         taken = _union([(max(a, s), min(b, e)) for s, e in spans])
         seconds["kept"] += _length(taken)
         by_line: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        for r in rej_by_source.get(sid, ()):
-            if r["end"] > a and r["start"] < b:
-                by_line[line_key(r["stage"], r["reason"], r.get("level"))].append((max(a, r["start"]), min(b, r["end"])))
+        for key, s, e in by_chunk.get((c["source_id"], c["offset"]), ()):
+            if e > a and s < b:
+                by_line[key].append((max(a, s), min(b, e)))
         for key in sorted(by_line, key=lambda k: ranks[k]):
             new = _subtract(_union(by_line[key]), taken)
             if key == "vad:non_speech":
@@ -163,10 +191,10 @@ def funnel(chunks: list[dict], rejected: list[dict], manifest: list[dict], error
                 seconds[key] += _length(new)
             taken = _union(taken + new)
         seconds["unaccounted"] += max(0.0, (b - a) - _length(taken))
-    kept = seconds.pop("kept", 0.0)
+    kept_s = seconds.pop("kept", 0.0)
     unaccounted = seconds.pop("unaccounted", 0.0)
     lines = [
-        {"line": k, "hours": seconds.get(k, 0.0) / 3600, "records": records.get(k, 0) if k != PAUSES else 0}
+        {"line": k, "hours": seconds.get(k, 0.0) / 3600, "records": records.get(k, 0)}
         for k in sorted(set(seconds) | set(records), key=lambda k: ranks.get(k, (99,)))
     ]
     removed = sum(x["hours"] for x in lines)
@@ -174,90 +202,159 @@ def funnel(chunks: list[dict], rejected: list[dict], manifest: list[dict], error
         "input_hours": total_in / 3600,
         "lines": lines,
         "removed_hours": removed,
-        "kept_hours": kept / 3600,
+        "kept_hours": kept_s / 3600,
         "unaccounted_hours": unaccounted / 3600,
-        "total_hours": removed + (kept + unaccounted) / 3600,
+        "total_hours": removed + (kept_s + unaccounted) / 3600,
+        "failed_unknown_duration": unknown,  # failed chunks with no decoded audio: not in the hours
     }
 
 
-def _summary(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
+def _summary(values) -> dict[str, float] | None:
     x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return None
     p = np.percentile(x, [5, 25, 50, 75, 95])
     return {"count": int(len(x)), "mean": float(x.mean()), "min": float(x.min()), "p5": float(p[0]), "p25": float(p[1]),
             "median": float(p[2]), "p75": float(p[3]), "p95": float(p[4]), "max": float(x.max())}
 
 
-def distributions(manifest: list[dict]) -> dict[str, list[float]]:
-    """Raw values for the distributions (windows from manifest columns, utterances from each
-    row's `utterance_quality`)."""
-    d: dict[str, list[float]] = defaultdict(list)
-    for m in manifest:
-        d["window_seconds"].append(m["duration"])
-        d["speakers_per_window"].append(m["speakers"])
-        for col in ("speech_ratio", "snr_db"):
-            if m.get(col) is not None:
-                d[col].append(m[col])
-        uq = m.get("utterance_quality") or []
-        for u in uq:
-            d["utterance_seconds"].append(u["end"] - u["start"])
-            d["chars_per_second"].append(u["chars_per_second"])
-            d["avg_logprob"].append(u["avg_logprob"])
-            d["no_speech_prob"].append(u["no_speech_prob"])
-            d["overlap_ratio"].append(u["overlap_ratio"])
-        for x, y in zip(uq, uq[1:]):
-            if x["speaker"] != y["speaker"]:
-                d["turn_gap_seconds"].append(y["start"] - x["end"])
-        if not uq:  # manifests without per-utterance facts: window-level stand-ins
-            d["avg_logprob"].append(m["avg_logprob"])
-            if m["duration"] > 0:
-                d["overlap_ratio"].append(m["overlap_seconds"] / max(m.get("speech_seconds", m["duration"]), 1e-6))
-    return dict(d)
+def read_dir(out: OutputDir, sub: str):
+    """All parquet parts of a directory as one table, read on a thread pool (parquet decoding
+    releases the GIL): thousands of small manifest parts in seconds."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = out.list(sub, ".parquet")
+    if not names:
+        return pa.table({})
+
+    def read(name: str):
+        return pq.read_table(io.BytesIO(out.read_bytes(f"{sub}/{name}")), use_threads=False)
+
+    with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
+        tables = list(pool.map(read, names))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _col(table, name: str, default: Any = None) -> list:
+    if name in table.column_names:
+        return table.column(name).to_pylist()
+    return [default] * table.num_rows
+
+
+def _np(table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=float)
+
+
+def _utterances(table) -> dict[str, np.ndarray]:
+    """The manifest's `utterance_quality` lists, flattened: one entry per kept utterance, with
+    `row` the manifest row it belongs to."""
+    import pyarrow.compute as pc
+
+    if "utterance_quality" not in table.column_names or table.num_rows == 0:
+        return {"row": np.zeros(0, dtype=int)}
+    uq = table.column("utterance_quality").combine_chunks()
+    flat = pc.list_flatten(uq)
+    out = {"row": np.asarray(pc.list_parent_indices(uq).to_numpy(zero_copy_only=False), dtype=int)}
+    for name in flat.type.names if hasattr(flat.type, "names") else [flat.type.field(i).name for i in range(flat.type.num_fields)]:
+        arr = flat.field(name).to_numpy(zero_copy_only=False)
+        out[name] = arr if arr.dtype == object else np.asarray(arr, dtype=float)
+    return out
+
+
+def distributions_from(table, utts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Raw values of each distribution: windows from manifest columns, utterances from the
+    flattened `utterance_quality`."""
+    n = table.num_rows
+    d: dict[str, np.ndarray] = {}
+    if n == 0:
+        return d
+    d["window_seconds"] = _np(table, "duration")
+    d["speakers_per_window"] = _np(table, "speakers")
+    for col in ("speech_ratio", "snr_db"):
+        v = _np(table, col)
+        if np.isfinite(v).any():
+            d[col] = v[np.isfinite(v)]
+    rows = utts["row"]
+    if len(rows):
+        d["utterance_seconds"] = utts["end"] - utts["start"]
+        for col in ("chars_per_second", "avg_logprob", "no_speech_prob", "overlap_ratio"):
+            d[col] = utts[col]
+        same = (rows[1:] == rows[:-1]) & (utts["speaker"][1:] != utts["speaker"][:-1])
+        d["turn_gap_seconds"] = (utts["start"][1:] - utts["end"][:-1])[same]
+    # Rows without per-utterance facts (older manifests): window-level stand-ins.
+    missing = np.ones(n, dtype=bool)
+    missing[rows] = False
+    if missing.any():
+        d["avg_logprob"] = np.concatenate([d.get("avg_logprob", np.zeros(0)), _np(table, "avg_logprob")[missing]])
+        ratio = _np(table, "overlap_seconds") / np.maximum(_np(table, "speech_seconds"), 1e-6)
+        d["overlap_ratio"] = np.concatenate([d.get("overlap_ratio", np.zeros(0)), ratio[missing]])
+    return d
 
 
 def corpus_stats(root: str, values: bool = False) -> dict[str, Any]:
     """Totals, funnel and distribution summaries; `values=True` also returns the raw distribution
-    values under `distribution_values` (for the report's figures; not JSON-sized)."""
+    values under `distribution_values` (numpy arrays, for the report's figures)."""
     out = OutputDir(root)
-    manifest = read_parquet_dir(out, "manifest").to_pylist()
-    rejected = read_parquet_dir(out, "rejected").to_pylist()
+    mt = read_dir(out, "manifest")
+    rt = read_dir(out, "rejected")
     chunks = chunk_records(out)
     errors = read_errors(out)
-    input_seconds = sum(c["duration"] for c in chunks)
+    n = mt.num_rows
+    sids, chunk_idx = _col(mt, "source_id"), _col(mt, "chunk")
+    m_start, m_end = _col(mt, "start"), _col(mt, "end")
+    utts = _utterances(mt)
+    # Kept windows and utterance spans per (source, chunk), for the funnel.
+    kept: dict[tuple[str, int], tuple[list, list]] = defaultdict(lambda: ([], []))
+    has_utts = np.zeros(n, dtype=bool)
+    has_utts[utts["row"]] = True
+    for i in range(n):
+        windows, spans = kept[(sids[i], chunk_idx[i])]
+        windows.append((m_start[i], m_end[i]))
+        if not has_utts[i]:
+            spans.append((m_start[i], m_end[i]))
+    for i, s, e in zip(utts["row"].tolist(), utts.get("start", np.zeros(0)).tolist(), utts.get("end", np.zeros(0)).tolist()):
+        kept[(sids[i], chunk_idx[i])][1].append((s, e))
+    r_cols = [_col(rt, c) for c in ("source_id", "stage", "reason", "level", "start", "end")]
+    recs = list(zip(*r_cols)) if rt.num_rows else []
     removed: Counter[str] = Counter()
     counted: Counter[str] = Counter()
-    for r in rejected:
-        removed[f"{r['stage']}:{r['reason']}"] += r["duration"]
-        counted[f"{r['stage']}:{r['reason']}"] += 1
-    dists = distributions(manifest)
-    speech = sum(m["speech_seconds"] for m in manifest)
+    for (sid, stage, reason, level, a, b) in recs:
+        removed[f"{stage}:{reason}"] += b - a
+        counted[f"{stage}:{reason}"] += 1
+    dists = distributions_from(mt, utts)
+    text_chars, n_utts, frames = (float(np.nansum(_np(mt, c))) for c in ("text_chars", "utterances", "frames"))
+    labels = _col(mt, "speaker_labels", [])
     result = {
         "sources": len({c["uri"] for c in chunks}),
         "failed_sources": len({c["uri"] for c in chunks if c["failed"]}),
         "chunks": len(chunks),
-        "shards": len({m["shard"] for m in manifest}),
-        "samples": len(manifest),
-        "input_hours": input_seconds / 3600,
-        "audio_hours": sum(m["duration"] for m in manifest) / 3600,
-        "speech_hours": speech / 3600,
-        "utterances": sum(m["utterances"] for m in manifest),
+        "shards": len(set(_col(mt, "shard"))),
+        "samples": n,
+        "input_hours": sum(c["duration"] for c in chunks) / 3600,
+        "audio_hours": float(np.nansum(_np(mt, "duration"))) / 3600,
+        "speech_hours": float(np.nansum(_np(mt, "speech_seconds"))) / 3600,
+        "utterances": int(n_utts),
         # Speakers are labelled per source: count distinct (source, label) pairs.
-        "speakers": len({(m["source_id"], s) for m in manifest for s in m["speaker_labels"]}),
-        "frames": sum(m["frames"] for m in manifest),
-        "text_chars": sum(m["text_chars"] for m in manifest),
+        "speakers": len({(sid, lab) for sid, labs in zip(sids, labels) for lab in labs or ()}),
+        "frames": int(frames),
+        "text_chars": int(text_chars),
         # What the model sees: text tokens (chars / 3.5 + BOS/EOS per utterance), frames, and one
         # end-of-audio frame per utterance (stages/windows.py's budget).
-        "text_tokens_estimate": int(sum(m["text_chars"] / 3.5 + 2 * m["utterances"] for m in manifest)),
-        "positions_estimate": int(sum(m["text_chars"] / 3.5 + 3 * m["utterances"] + m["frames"] for m in manifest)),
-        "languages": dict(Counter(m["language"] for m in manifest)),
+        "text_tokens_estimate": int(text_chars / 3.5 + 2 * n_utts),
+        "positions_estimate": int(text_chars / 3.5 + 3 * n_utts + frames),
+        "languages": dict(Counter(_col(mt, "language"))),
         "errors": len(errors),
         "errors_by_type": dict(Counter(e["error_type"] for e in errors)),
         "errors_by_stage": dict(Counter(e["stage"] for e in errors)),
-        "rejected": len(rejected),
+        "rejected": len(recs),
+        "rejected_by_level": dict(Counter(r[3] or "window" for r in recs)),
         "rejected_by_reason": dict(sorted(counted.items())),
         "rejected_hours_by_reason": {k: v / 3600 for k, v in sorted(removed.items())},
-        "funnel": funnel(chunks, rejected, manifest, errors),
+        "funnel": _funnel(chunks, recs, kept, errors),
         "distributions": {k: _summary(v) for k, v in sorted(dists.items())},
     }
     if values:
@@ -283,7 +380,8 @@ def format_stats(s: dict[str, Any]) -> str:
         f"text chars     {s['text_chars']} (~{s['text_tokens_estimate']} text tokens; ~{s['positions_estimate']} model positions)",
         f"languages      {', '.join(f'{k}: {v}' for k, v in s['languages'].items()) or '-'}",
         f"errors         {s['errors']}  {s['errors_by_type'] or ''}",
-        f"rejected       {s['rejected']} records",
+        f"rejected       {s['rejected']} records"
+        + (f" ({', '.join(f'{v} {k}' for k, v in sorted(s['rejected_by_level'].items()))})" if s.get("rejected_by_level") else ""),
     ]
     f = s.get("funnel")
     if f:
@@ -294,6 +392,8 @@ def format_stats(s: dict[str, Any]) -> str:
         if f["unaccounted_hours"] > 0:
             lines.append(f"  - {'unaccounted':<50} {_hm(f['unaccounted_hours'])}")
         lines.append(f"  = {'kept (utterance audio in samples)':<50} {_hm(f['kept_hours'])}")
+        if f.get("failed_unknown_duration"):
+            lines.append(f"  ({f['failed_unknown_duration']} failed inputs/chunks with no decoded duration are not in these hours)")
         pct = 100 * f["kept_hours"] / f["input_hours"] if f["input_hours"] else 0.0
         lines.append(f"  {'kept / in':<52} {pct:9.1f} %")
     d = s.get("distributions") or {}
