@@ -1,0 +1,149 @@
+"""Training throughput with compute amortization (decoder on 1/16 of frames) vs the decoder on every frame.
+
+    python bench/bench_train.py                 # tiny on CPU; also 1B/100M when CUDA is available
+    python bench/bench_train.py --flavour 1B --device cuda --seq-len 2048 --batch 4
+
+Each setting runs in its own process so peak memory (RSS on CPU) is per setting. Batches are
+synthetic rows shaped like the corpus (text rows, ~5 s utterances of audio, end-of-audio frames).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def synthetic_batch(batch: int, seq_len: int, N: int, text_vocab: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(batch, seq_len, N + 1, dtype=torch.long)
+    mask = torch.zeros(batch, seq_len, N + 1, dtype=torch.bool)
+    for b in range(batch):
+        t = 0
+        while t < seq_len:
+            n_text, n_audio = 20, 62 + 1  # ~5 s of audio at 12.5 Hz, plus the end-of-audio frame
+            e = min(seq_len, t + n_text)
+            tokens[b, t:e, N] = torch.randint(0, text_vocab, (e - t,), generator=g)
+            mask[b, t:e, N] = True
+            t, e = e, min(seq_len, e + n_audio)
+            tokens[b, t:e, :N] = torch.randint(0, 2048, (e - t, N), generator=g)
+            tokens[b, e - 1, :N] = 0
+            mask[b, t:e, :N] = True
+            t = e
+    return {"tokens": tokens, "mask": mask, "keys": [f"s{seed}-{b}" for b in range(batch)]}
+
+
+def step_flops(model, rows: int, frames: int, dec_frames: int, seq_len: int, batch: int) -> float:
+    """6 * params * tokens for both stacks (embeddings excluded), plus causal attention scores."""
+    def matmul_params(stack):
+        return sum(p.numel() for n, p in stack.named_parameters() if p.ndim == 2)
+
+    b, d = model.backbone.args, model.decoder.args
+    N = model.N
+    backbone = 6 * matmul_params(model.backbone) * rows + 6 * model.codebook0_head.weight.numel() * frames
+    backbone += 6 * b.n_layers * b.dim * seq_len * seq_len * batch  # causal QK^T and AV, fwd+bwd
+    decoder = 6 * (matmul_params(model.decoder) + model.projection.weight.numel()) * dec_frames * N
+    decoder += 6 * (N - 1) * d.dim * model.V * dec_frames + 6 * d.n_layers * d.dim * N * N * dec_frames
+    return float(backbone + decoder)
+
+
+def run_one(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads) if args.device == "cpu" else None
+    from train import loop, parallel
+    from train.config import load_config
+
+    cfg = load_config(None, {
+        "model": {"flavour": args.flavour, "max_seq_len": args.seq_len, "text_vocab_size": 128256},
+        "data": {"seq_len": args.seq_len, "micro_batch_size": args.batch},
+        "train": {"decoder_fraction": args.fraction, "warmup_steps": 1, "activation_checkpointing": args.ac,
+                  "compile": args.compile},
+    })
+    d = parallel.Dist(device=torch.device(args.device))
+    model = loop.build_model(cfg).to(d.device)
+    model = parallel.parallelize(model, cfg, d)
+    optimizer, scheduler = loop.build_optimizer(model, cfg.train)
+    batches = [synthetic_batch(args.batch, args.seq_len, 32, 128256, s) for s in range(args.steps + 2)]
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    for s in range(2):  # warm-up (allocator, compile)
+        loop.train_step(model, optimizer, scheduler, [batches[s]], cfg, s, d)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0, frames, dec_frames, rows = time.perf_counter(), 0, 0, 0
+    for s in range(2, args.steps + 2):
+        m = loop.train_step(model, optimizer, scheduler, [batches[s]], cfg, s, d)
+        frames, dec_frames, rows = frames + m["frames"], dec_frames + m["decoder_frames"], rows + m["tokens"]
+    sync()
+    dt = time.perf_counter() - t0
+    out = {"flavour": args.flavour, "device": args.device, "fraction": args.fraction, "seq_len": args.seq_len,
+           "batch": args.batch, "steps": args.steps, "step_s": dt / args.steps, "frames_per_s": frames / dt,
+           "tokens_per_s": rows / dt, "peak_mem_gb": loop.peak_memory_gb(d.device),
+           "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    if args.device == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        flops = step_flops(model, rows / args.steps, frames / args.steps, dec_frames / args.steps, args.seq_len, args.batch)
+        out.update(gpu=name, tflops=flops / (dt / args.steps) / 1e12)
+        if peak:
+            out["mfu"] = out["tflops"] / peak
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--flavour", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--fraction", type=float, default=None, help="only this decoder fraction")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ac", action="store_true", help="activation checkpointing")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
+
+    import torch
+
+    settings = [("tiny", "cpu", 512, 4, 5)]
+    if torch.cuda.is_available():
+        settings.append(("1B", "cuda", 2048, 4, 10))
+    if args.flavour:
+        settings = [(args.flavour, args.device or "cpu", args.seq_len or 2048, args.batch or 4, args.steps or 10)]
+    fractions = [args.fraction] if args.fraction else [1 / 16, 1.0]
+    print(f"{'flavour':8} {'device':6} {'decoder on':>10} {'step s':>8} {'frames/s':>10} {'tokens/s':>10} "
+          f"{'peak GB':>8} {'TFLOP/s':>8} {'MFU':>6}")
+    for flavour, device, seq_len, batch, steps in settings:
+        for fraction in fractions:
+            cmd = [sys.executable, __file__, "--one", "--flavour", flavour, "--device", device, "--seq-len",
+                   str(args.seq_len or seq_len), "--batch", str(args.batch or batch), "--steps",
+                   str(args.steps or steps), "--fraction", str(fraction), "--threads", str(args.threads)]
+            cmd += ["--ac"] * args.ac + ["--compile"] * args.compile
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(f"{flavour:8} {device:6} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            label = "1/16" if abs(fraction - 1 / 16) < 1e-9 else f"{fraction:g}"
+            tf = f"{r['tflops']:8.1f}" if "tflops" in r else f"{'-':>8}"
+            mfu = f"{r['mfu']:6.1%}" if "mfu" in r else f"{'-':>6}"
+            print(f"{flavour:8} {device:6} {label:>10} {r['step_s']:8.3f} {r['frames_per_s']:10.0f} "
+                  f"{r['tokens_per_s']:10.0f} {r['peak_mem_gb']:8.2f} {tf} {mfu}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Trainer: sample layout, targets, amortization, overfitting, exact resume, config, codec guard."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from train import data, loop, loss
+from train.cli import train as train_cmd
+from train.config import load_config, parse_set
+from train.parallel import Dist
+from train.testing import make_sample, make_shards, tiny_tokenizer
+
+N = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls: two threads only add contention on a 2-core machine (and the tests run faster).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    tiny_tokenizer(root / "tok")
+    make_shards(root / "data", n_shards=3, per_shard=6)
+    return root
+
+
+def _cfg(corpus, **over):
+    base = {"data": {"tokenizer": str(corpus / "tok"), "allow_unreleased_codec": True}}
+    for k, v in parse_set([f"{k}={v}" for k, v in over.items()]).items():
+        base.setdefault(k, {}).update(v)
+    return load_config("configs/train/tiny.yaml", base)
+
+
+def _batch(shards_dir, cfg, n=4, start=0):
+    tok = data.load_tokenizer(cfg.data.tokenizer)
+    urls, _ = data.list_shards(shards_dir, 1)
+    samples = data.eval_batches(urls, data.SampleDecoder(tok, cfg.data, cfg.model.num_codebooks), n + start, 1)[0]
+    return {k: v[start:] for k, v in samples.items()}
+
+
+def test_rows_layout_text_audio_end_of_audio(corpus):
+    cfg = _cfg(corpus)
+    tok = data.load_tokenizer(cfg.data.tokenizer)
+    raw = make_sample(np.random.default_rng(5), "k", released=True, utterances=(2, 2), frames=(3, 3))
+    meta = json.loads(raw["json"])
+    codes = np.load(io.BytesIO(raw["codes.npy"]))
+    tokens, mask = data.build_rows(meta, codes, tok, cfg.data, N)
+    u0 = meta["utterances"][0]
+    ids = [tok.bos_token_id, *tok.encode(f"[0]{u0['text']}", add_special_tokens=False), tok.eos_token_id]
+    n = len(ids)
+    assert tokens[:n, N].tolist() == ids and mask[:n, N].all() and not mask[:n, :N].any()
+    np.testing.assert_array_equal(tokens[n : n + 3, :N], codes[:, 0:3].T)
+    assert mask[n : n + 4, :N].all() and not mask[n : n + 4, N].any()
+    assert (tokens[n + 3, :N] == 0).all()  # end-of-audio frame after each utterance
+    assert tokens[n + 4, N] == tok.bos_token_id  # next utterance's text; speaker renumbered to 1
+    assert tok.decode(tokens[n + 5 : n + 8, N].tolist()).replace(" ", "").startswith("[1]")
+    # Cropping keeps whole utterances.
+    cfg.data.seq_len = n + 4 + 2
+    tokens, _ = data.build_rows(meta, codes, tok, cfg.data, N)
+    assert len(tokens) == n + 4
+
+
+def test_decoder_conditioned_on_previous_backbone_position(corpus):
+    cfg = _cfg(corpus)
+    tok = data.load_tokenizer(cfg.data.tokenizer)
+    model = loop.build_model(cfg, tok).eval()
+    batch = loss.prepare(_batch(corpus / "data", cfg), 0.5, 0, 0, N)
+    seen = {}
+    model.backbone.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))
+    model.projection.register_forward_hook(lambda m, i, o: seen.__setitem__("dec_in", i[0]))
+    with torch.no_grad():
+        model(batch["tokens"], batch["mask"], batch["c0_index"], batch["dec_index"])
+    b, t = batch["dec_index"]
+    assert len(b) > 2
+    torch.testing.assert_close(seen["dec_in"][:, 0], seen["h"][b, t - 1])
+    assert not torch.allclose(seen["dec_in"][:, 0], seen["h"][b, t])  # the common off-by-one
+    # Teacher forcing: decoder positions 1..N-1 carry codebooks 0..N-2 of frame t itself.
+    expected = model.audio_embeddings(batch["tokens"][b, t, : N - 1] + model.audio_offsets[: N - 1])
+    torch.testing.assert_close(seen["dec_in"][:, 1:], expected)
+
+
+def test_amortization_subset_size_changes_and_end_of_audio_is_target(corpus):
+    cfg = _cfg(corpus)
+    batch = _batch(corpus / "data", cfg)
+    per_sample = batch["mask"][:, 1:, 0].sum(1)
+    subsets = []
+    for step in range(4):
+        p = loss.prepare(batch, 1 / 16, 0, step, N)
+        b, t = p["dec_index"]
+        counts = torch.bincount(b, minlength=len(per_sample))
+        expected = [max(1, round(int(n) / 16)) for n in per_sample]
+        assert counts.tolist() == expected and min(expected) >= 1
+        assert p["dec_count"] == sum(expected) * (N - 1)
+        assert batch["mask"][b, t, 0].all()  # audio frames only
+        subsets.append(set(zip(b.tolist(), t.tolist())))
+    assert len({frozenset(s) for s in subsets}) > 1  # a new subset each step
+    assert loss.decoder_subset_size(3, 1 / 16) == 1 and loss.decoder_subset_size(64, 1 / 16) == 4
+    # End-of-audio frames (all 32 codes 0) are codebook-0 targets, target 0.
+    p = loss.prepare(batch, 1 / 16, 0, 0, N)
+    b, t = p["c0_index"]
+    eos = (batch["tokens"][b, t, :N] == 0).all(-1)
+    bos = data.load_tokenizer(cfg.data.tokenizer).bos_token_id
+    n_utts = int(((batch["tokens"][..., N] == bos) & batch["mask"][..., N]).sum())
+    assert int(eos.sum()) == n_utts
+    assert p["c0_count"] == int(per_sample.sum())
+
+
+def test_overfit_few_samples_both_losses_drop(tmp_path, corpus):
+    make_shards(tmp_path / "small", n_shards=2, per_shard=2, utterances=(2, 2), frames=(4, 6))
+    cfg = _cfg(corpus, **{"train.lr": 5e-3, "train.warmup_steps": 5, "train.min_lr_ratio": 1.0,
+                          "train.decoder_fraction": 1.0})
+    tok = data.load_tokenizer(cfg.data.tokenizer)
+    model = loop.build_model(cfg, tok)
+    optimizer, scheduler = loop.build_optimizer(model, cfg.train)
+    batch = _batch(tmp_path / "small", cfg, n=2)
+    hist = [loop.train_step(model, optimizer, scheduler, [batch], cfg, s, Dist()) for s in range(40)]
+    first, last = hist[0], hist[-1]
+    assert last["c0_loss"] < first["c0_loss"] / 5, (first, last)
+    assert last["decoder_loss"] < first["decoder_loss"] / 5, (first, last)
+
+
+def test_unreleased_codec_refused_without_flag(tmp_path, corpus):
+    cfg = _cfg(corpus)
+    cfg.data.allow_unreleased_codec = False
+    urls, _ = data.list_shards(corpus / "data", 1)
+    with pytest.raises(ValueError, match="allow_unreleased_codec"):
+        data.preflight(urls, False)
+    with pytest.raises(ValueError, match="released"):  # also per sample, inside the stream
+        data.eval_batches(urls, data.SampleDecoder(data.load_tokenizer(cfg.data.tokenizer), cfg.data, N), 2, 1)
+    result = CliRunner().invoke(train_cmd, [str(corpus / "data"), "--config", "configs/train/tiny.yaml",
+                                            "--output", str(tmp_path / "run"), "--set", f"data.tokenizer={corpus / 'tok'}"])
+    assert result.exit_code != 0 and "allow_unreleased_codec" in str(result.exception)
+    released = make_shards(tmp_path / "ok", n_shards=2, per_shard=2, released=True)
+    data.preflight(data.list_shards(released, 1)[0], False)
+
+
+def test_config_overrides_strict(tmp_path):
+    cfg = load_config("configs/train/tiny.yaml", parse_set(["train.lr=1e-4", "model.rope_scaling=null"]))
+    assert cfg.train.lr == 1e-4 and cfg.model.rope_scaling is None and cfg.model.flavour == "tiny"
+    with pytest.raises(KeyError, match="train.lrr"):
+        load_config(None, parse_set(["train.lrr=1"]))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  shuffle_bufer: 3\n")
+    with pytest.raises(KeyError, match="data.shuffle_bufer"):
+        load_config(str(bad))
+    load_config("configs/train/1b.yaml")
+
+
+def test_missing_tokenizer_names_the_config_key(tmp_path):
+    with pytest.raises(RuntimeError, match="data.tokenizer"):
+        data.load_tokenizer(str(tmp_path / "no-such-tokenizer"))
+
+
+def _cli(corpus, run_dir, *extra):
+    args = [str(corpus / "data"), "--config", "configs/train/tiny.yaml", "--output", str(run_dir),
+            "--set", f"data.tokenizer={corpus / 'tok'}", "--set", "data.allow_unreleased_codec=true",
+            "--set", "data.epoch_batches=3", "--set", "data.num_workers=2", "--set", "train.steps=6",
+            "--set", "train.eval_every=2", "--set", "train.ckpt_every=0", *extra]
+    result = CliRunner().invoke(train_cmd, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def test_resume_gives_same_next_step_loss(tmp_path, corpus):
+    straight = _cli(corpus, tmp_path / "a", "--max-steps", "5")
+    _cli(corpus, tmp_path / "b", "--max-steps", "2")
+    resumed = _cli(corpus, tmp_path / "b", "--max-steps", "5", "--resume")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]  # appended to the first leg's records
+    for a, b in zip(straight[2:], resumed[2:]):  # steps 3..5 cross an epoch boundary (3 batches)
+        assert a["loss"] == b["loss"] and a["decoder_loss"] == b["decoder_loss"], (a, b)
+    rec = straight[-1]
+    for key in ("c0_loss", "decoder_loss", "lr", "frames_per_s", "tokens_per_s", "peak_mem_gb"):
+        assert key in rec
+    assert "eval_loss" in straight[1] and os.path.exists(tmp_path / "a" / "checkpoints" / "latest")
+
+
+def test_activation_checkpointing_same_gradients(corpus):
+    cfg = _cfg(corpus)
+    tok = data.load_tokenizer(cfg.data.tokenizer)
+    batch = loss.prepare(_batch(corpus / "data", cfg, n=2), 0.25, 0, 0, N)
+    grads = []
+    for ac in (False, True):
+        model = loop.build_model(cfg, tok)
+        model.backbone.activation_checkpointing = model.decoder.activation_checkpointing = ac
+        sum(loss.loss_sums(model, batch, N)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])

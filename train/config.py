@@ -1,0 +1,154 @@
+"""Trainer configuration: dataclasses with defaults, overridden by a YAML file and `key=value` pairs.
+
+Overrides are strict: an unknown key is an error, so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    flavour: str = "tiny"  # backbone/decoder pair: tiny, 1B (1B/100M), 3B (3B/250M), 8B (8B/300M)
+    backbone: str | None = None  # override one side of the pair by flavour name, e.g. "1B"
+    decoder: str | None = None
+    num_codebooks: int = 32
+    audio_vocab_size: int = 2051  # 2048 codes + specials, as in the released model
+    text_vocab_size: int | None = None  # None: the tokenizer's size rounded up to 64
+    max_seq_len: int = 2048
+    rope_theta: float = 500000.0
+    # Llama-3 RoPE scaling as in the released CSM (torchtune llama3_2, scale factor 32); null disables it.
+    rope_scaling: dict | None = field(
+        default_factory=lambda: {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    )
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    init_from: str | None = None  # transformers-format CSM weights: local dir or hub id (e.g. sesame/csm-1b)
+
+
+@dataclass
+class DataConfig:
+    tokenizer: str = "meta-llama/Llama-3.2-1B"  # hub id or local path (dir or tokenizer.json)
+    seq_len: int = 2048
+    micro_batch_size: int = 4
+    shuffle_buffer: int = 256  # samples; shards are resampled at random, so this only mixes windows
+    num_workers: int = 2
+    epoch_batches: int = 1000  # batches per rank per "epoch" (.with_epoch): keeps ranks in lockstep
+    eval_shards: int = 1  # the last N shards (sorted by name) are held out for eval
+    speaker_ids: str = "index"  # "index": speakers renumbered 0,1,.. per sample (as CSM expects); "raw"
+    allow_unreleased_codec: bool = False  # codes from a Mimi without released weights are noise
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    c0_weight: float = 1.0
+    decoder_weight: float = 1.0
+    decoder_fraction: float = 1 / 16  # compute amortization: share of audio frames the decoder trains on
+    seed: int = 1234
+    dtype: str = "bf16"  # autocast dtype on GPU; CPU always runs fp32
+    compile: bool = False
+    activation_checkpointing: bool = False
+    log_every: int = 1
+    eval_every: int = 200
+    eval_batches: int = 8
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = "auto"  # auto (ddp when WORLD_SIZE > 1), none, ddp, fsdp
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(path: str, current: Any, value: Any) -> Any:
+    """Match the default's type: YAML reads `1e-4` as a string, and a typo'd type should fail here."""
+    if current is None or value is None or isinstance(current, dict):
+        return value
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise TypeError(f"config key '{path}' expects true/false, got {value!r}")
+        return value
+    try:
+        if isinstance(current, float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(current, int) and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return int(value)
+    except ValueError as e:
+        raise TypeError(f"config key '{path}' expects a {type(current).__name__}, got {value!r}") from e
+    return value
+
+
+def _apply(obj: Any, overrides: dict, prefix: str = "") -> None:
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in overrides.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise KeyError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise TypeError(f"config key '{path}' is a section; give a mapping")
+            _apply(current, value, prefix=f"{path}.")
+        else:
+            setattr(obj, key, _coerce(path, current, value))
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> dict:
+    """`a.b=1` pairs -> nested dict; values parsed as YAML so numbers, bools and null work."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(path: str | None = None, overrides: dict | None = None) -> Config:
+    cfg = Config()
+    if path:
+        with open(path) as f:
+            _apply(cfg, yaml.safe_load(f) or {})
+    if overrides:
+        _apply(cfg, overrides)
+    if not 0 < cfg.train.decoder_fraction <= 1:
+        raise ValueError("train.decoder_fraction must be in (0, 1]")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ValueError(f"data.seq_len {cfg.data.seq_len} > model.max_seq_len {cfg.model.max_seq_len}")
+    return cfg

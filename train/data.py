@@ -1,0 +1,212 @@
+"""Shards -> model rows -> padded batches.
+
+A sample becomes rows of N+1 columns (N codebooks + 1 text token) and a mask of filled columns:
+per utterance, the text rows of `[{speaker}]{text}` (BOS ... EOS), then its audio frames, then one
+end-of-audio frame of N zero codes. Shard contents are decoded by hand (json, np.load without
+pickle): nothing from a shard is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+
+from train.config import DataConfig
+
+UNRELEASED_MSG = (
+    "shard {where} holds codes from a Mimi codec without released weights (codec.released=false, "
+    "weights={weights}); such codes carry no speech information and a model trained on them is useless. "
+    "Set data.allow_unreleased_codec: true only for tests and plumbing runs."
+)
+
+
+def load_tokenizer(name: str):
+    """Llama-3.2 text tokenizer from a hub id, a local directory or a tokenizer.json file."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        if name.endswith(".json") and Path(name).is_file():
+            tok = PreTrainedTokenizerFast(tokenizer_file=name)
+        else:
+            tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001 - offline, gated or missing all need the same advice
+        raise RuntimeError(
+            f"cannot load the text tokenizer '{name}' ({type(e).__name__}: {e}). Set data.tokenizer "
+            "to a local directory (or tokenizer.json) of the Llama-3.2 tokenizer, e.g. a download of "
+            "meta-llama/Llama-3.2-1B, or log in to the hub for the gated repository."
+        ) from e
+    if tok.bos_token_id is None or tok.eos_token_id is None:
+        raise ValueError(f"tokenizer '{name}' has no BOS/EOS token; CSM text segments need both")
+    return tok
+
+
+def list_shards(shards_dir: str | Path, eval_shards: int) -> tuple[list[str], list[str]]:
+    shards = sorted(str(p) for p in (Path(shards_dir) / "shards").glob("*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"no shards under {Path(shards_dir) / 'shards'}")
+    if eval_shards and len(shards) <= eval_shards:
+        raise ValueError(f"{len(shards)} shard(s) cannot hold out data.eval_shards={eval_shards}; set data.eval_shards: 0")
+    return (shards[:-eval_shards], shards[-eval_shards:]) if eval_shards else (shards, [])
+
+
+def check_codec(meta: dict, allow_unreleased: bool, where: str) -> None:
+    codec = meta.get("codec") or {}
+    if not codec.get("released", False) and not allow_unreleased:
+        raise ValueError(UNRELEASED_MSG.format(where=where, weights=codec.get("weights")))
+
+
+def preflight(shards: list[str], allow_unreleased: bool) -> None:
+    """Read the first sample's json of each shard, so a bad corpus fails before training starts."""
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            member = next((m for m in tar if m.name.endswith(".json")), None)
+            if member is not None:
+                check_codec(json.load(tar.extractfile(member)), allow_unreleased, shard)
+
+
+def build_rows(meta: dict, codes: np.ndarray, tokenizer, cfg: DataConfig, num_codebooks: int):
+    """One sample -> (tokens int64 [T, N+1], mask bool [T, N+1]), cropped to cfg.seq_len at an
+    utterance boundary (the first utterance alone is truncated if it does not fit)."""
+    N = num_codebooks
+    if codes.ndim != 2 or codes.shape[0] < N:
+        raise ValueError(f"codes.npy has shape {codes.shape}, need [>= {N}, frames]")
+    speakers: dict = {}
+    segments, total = [], 0
+    for utt in meta["utterances"]:
+        spk = speakers.setdefault(utt["speaker"], len(speakers)) if cfg.speaker_ids == "index" else utt["speaker"]
+        ids = tokenizer.encode(f"[{spk}]{utt['text']}", add_special_tokens=False)
+        ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+        begin, end = utt["frames"]
+        n_text, n_audio = len(ids), end - begin + 1
+        seg = np.zeros((n_text + n_audio, N + 1), dtype=np.int64)
+        mask = np.zeros_like(seg, dtype=bool)
+        seg[:n_text, N], mask[:n_text, N] = ids, True
+        seg[n_text : n_text + end - begin, :N] = codes[:N, begin:end].T  # the last audio row stays 0: EOS frame
+        mask[n_text:, :N] = True
+        if total + len(seg) > cfg.seq_len:
+            if not segments:
+                segments.append((seg[: cfg.seq_len], mask[: cfg.seq_len]))
+            break
+        segments.append((seg, mask))
+        total += len(seg)
+    if not segments:
+        return np.zeros((0, N + 1), dtype=np.int64), np.zeros((0, N + 1), dtype=bool)
+    return np.concatenate([s for s, _ in segments]), np.concatenate([m for _, m in segments])
+
+
+def collate(samples: list[dict]) -> dict:
+    """Right-pad to the longest sample; padded rows have an all-false mask."""
+    T = max(len(s["tokens"]) for s in samples)
+    C = samples[0]["tokens"].shape[1]
+    tokens = torch.zeros(len(samples), T, C, dtype=torch.long)
+    mask = torch.zeros(len(samples), T, C, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        tokens[i, : len(s["tokens"])] = torch.from_numpy(s["tokens"])
+        mask[i, : len(s["mask"])] = torch.from_numpy(s["mask"])
+    return {"tokens": tokens, "mask": mask, "keys": [s["key"] for s in samples]}
+
+
+class SampleDecoder:
+    """Raw tar members -> model rows. Picklable, so DataLoader workers get their own copy."""
+
+    def __init__(self, tokenizer, cfg: DataConfig, num_codebooks: int):
+        self.tokenizer, self.cfg, self.N = tokenizer, cfg, num_codebooks
+
+    def __call__(self, raw: dict) -> dict:
+        meta = json.loads(raw["json"])
+        check_codec(meta, self.cfg.allow_unreleased_codec, f"{raw.get('__url__')} sample {raw['__key__']}")
+        codes = np.load(io.BytesIO(raw["codes.npy"]), allow_pickle=False)
+        tokens, mask = build_rows(meta, codes, self.tokenizer, self.cfg, self.N)
+        return {"key": raw["__key__"], "tokens": tokens, "mask": mask}
+
+
+def _nonempty(sample: dict) -> bool:
+    return len(sample["tokens"]) > 1  # a window without utterances has nothing to train on
+
+
+class ShardStream(IterableDataset):
+    """Endless, reproducible stream of batches for one rank.
+
+    Shards are split by node and by worker when there are enough of them (otherwise every worker
+    samples all shards), then resampled at random with a seed of (seed, epoch, rank, worker), so an
+    epoch of `epoch_batches` per rank is identical on rerun. `skip_batches` fast-forwards within the
+    epoch after a resume: the skipped batches are read and decoded again (about a millisecond a
+    sample, nothing next to a training step) but not trained on, so the stream resumes exactly.
+    """
+
+    def __init__(self, urls, decoder: SampleDecoder, cfg: DataConfig, seed: int, batch_size: int):
+        self.urls, self.decoder, self.cfg, self.seed, self.batch_size = urls, decoder, cfg, seed, batch_size
+        self.epoch, self.skip_batches = 0, 0
+
+    def __iter__(self):
+        rank, world, worker, num_workers = wds.utils.pytorch_worker_info()
+        urls = self.urls
+        if len(urls) >= world * num_workers:
+            urls = list(wds.split_by_worker(wds.split_by_node(urls)))
+        rng = random.Random(wds.utils.make_seed(self.seed, self.epoch, rank, worker))
+        per_worker = -(-self.cfg.epoch_batches // num_workers)
+        # Batches come round-robin from workers, so this worker served every num_workers-th one.
+        skip = len(range(worker, self.skip_batches, num_workers))
+        pipeline = wds.DataPipeline(
+            lambda: ({"url": rng.choice(urls)} for _ in itertools.count()),
+            wds.tarfile_to_samples(),
+            wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng),
+            wds.map(self.decoder),
+            wds.select(_nonempty),
+            wds.batched(self.batch_size, collation_fn=collate, partial=False),
+            lambda src: itertools.islice(src, skip, None),
+        ).with_epoch(nbatches=per_worker)
+        yield from pipeline
+
+
+class BatchStream:
+    """Iterator over a rank's training batches that knows its position: `consumed` batches so far.
+    Rebuilding it with the same seed and `consumed` resumes exactly where it stopped."""
+
+    def __init__(self, dataset: ShardStream, num_workers: int, consumed: int = 0):
+        self.dataset, self.num_workers, self.consumed = dataset, num_workers, consumed
+        self._it = None
+
+    def _start(self):
+        E = self.dataset.cfg.epoch_batches
+        self.dataset.epoch, self.dataset.skip_batches = divmod(self.consumed, E)
+        # The loader is rebuilt each epoch so workers see the new epoch's seed.
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=torch.cuda.is_available())
+        self._it = itertools.islice(iter(loader), E - self.dataset.skip_batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while True:
+            if self._it is None:
+                self._start()
+            batch = next(self._it, None)
+            if batch is not None:
+                self.consumed += 1
+                return batch
+            self._it = None
+            if self.consumed % self.dataset.cfg.epoch_batches:  # short epoch: advance to the next one
+                self.consumed += self.dataset.cfg.epoch_batches - self.consumed % self.dataset.cfg.epoch_batches
+
+
+def eval_batches(urls, decoder: SampleDecoder, batch_size: int, max_batches: int) -> list[dict]:
+    """The first `max_batches` batches of the held-out shards, in order; the same on every rank."""
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.tarfile_to_samples(),
+        wds.map(decoder),
+        wds.select(_nonempty),
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
+    return list(itertools.islice(iter(pipeline), max_batches))

@@ -1,0 +1,213 @@
+"""The training loop: build, (resume), step, log, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from train import checkpoint, data, loss, parallel
+from train.config import Config, TrainConfig
+from train.model import CSM, load_hf_weights
+
+log = logging.getLogger("train")
+
+
+def build_model(cfg: Config, tokenizer=None) -> CSM:
+    if cfg.model.text_vocab_size is None:
+        cfg.model.text_vocab_size = math.ceil(len(tokenizer) / 64) * 64
+    elif tokenizer is not None and len(tokenizer) > cfg.model.text_vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens > model.text_vocab_size {cfg.model.text_vocab_size}")
+    torch.manual_seed(cfg.train.seed)  # same init on every rank
+    model = CSM(cfg.model)
+    if cfg.model.init_from:
+        load_hf_weights(model, cfg.model.init_from)
+    return model
+
+
+def build_optimizer(model, t: TrainConfig):
+    # nanoGPT rule: decay matrices and embeddings, not norms.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    fused = torch.cuda.is_available()
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), fused=fused)
+
+    def schedule(step: int) -> float:  # linear warmup, then cosine down to min_lr_ratio
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def autocast(cfg: Config, device: torch.device):
+    if device.type == "cuda" and cfg.train.dtype == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    def move(v):
+        if torch.is_tensor(v):
+            return v.to(device, non_blocking=True)
+        return tuple(move(x) for x in v) if isinstance(v, tuple) else v
+
+    return {k: move(v) for k, v in batch.items()}
+
+
+def train_step(model, optimizer, scheduler, micro_batches, cfg: Config, step: int, d: parallel.Dist) -> dict:
+    """One optimizer step over `micro_batches` (this rank's share of the global batch).
+
+    Each part of the loss is a mean over its targets in the global batch: the sums are divided by
+    the global counts, and multiplied by the world size because DDP/FSDP average gradients."""
+    t, N = cfg.train, cfg.model.num_codebooks
+    prepared = [loss.prepare(b, t.decoder_fraction, t.seed, step, N) for b in micro_batches]
+    rows = sum(int(b["mask"].any(-1).sum()) for b in prepared)
+    c0_total, dec_total, rows = parallel.all_reduce_sum(
+        [sum(b["c0_count"] for b in prepared), sum(b["dec_count"] for b in prepared), rows], d.device
+    )
+    c0_total, dec_total = max(1, c0_total), max(1, dec_total)  # a batch without audio: zero loss, not NaN
+    c0_sum = dec_sum = torch.zeros((), device=d.device)  # accumulated on device: no sync per micro-batch
+    for i, b in enumerate(prepared):
+        with parallel.grad_sync(model, i == len(prepared) - 1):
+            with autocast(cfg, d.device):
+                c0, dec = loss.loss_sums(model, _to(b, d.device), N)
+            (d.world * (t.c0_weight * c0 / c0_total + t.decoder_weight * dec / dec_total)).backward()
+        c0_sum, dec_sum = c0_sum + c0.detach(), dec_sum + dec.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    c0_sum, dec_sum = parallel.all_reduce_sum([c0_sum.item(), dec_sum.item()], d.device)
+    c0_loss, dec_loss = c0_sum / c0_total, dec_sum / dec_total
+    return {
+        "loss": t.c0_weight * c0_loss + t.decoder_weight * dec_loss,
+        "c0_loss": c0_loss,
+        "decoder_loss": dec_loss,
+        "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+        "lr": lr,
+        "frames": int(c0_total),
+        "decoder_frames": int(dec_total) // (N - 1),
+        "tokens": int(rows),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], cfg: Config, d: parallel.Dist) -> dict:
+    """Same held-out batches on every rank (so FSDP's collectives line up); fixed decoder subsets."""
+    model.eval()
+    N, sums = cfg.model.num_codebooks, [0.0, 0.0, 0, 0]
+    for b in batches:
+        b = loss.prepare(b, cfg.train.decoder_fraction, cfg.train.seed, 0, N)
+        with autocast(cfg, d.device):
+            c0, dec = loss.loss_sums(model, _to(b, d.device), N)
+        sums = [sums[0] + c0.item(), sums[1] + dec.item(), sums[2] + b["c0_count"], sums[3] + b["dec_count"]]
+    model.train()
+    c0_loss, dec_loss = sums[0] / max(1, sums[2]), sums[1] / max(1, sums[3])
+    return {"eval_c0_loss": c0_loss, "eval_decoder_loss": dec_loss,
+            "eval_loss": cfg.train.c0_weight * c0_loss + cfg.train.decoder_weight * dec_loss}
+
+
+class Metrics:
+    """JSONL on rank 0 (one record per logged step), TensorBoard too when it is installed."""
+
+    def __init__(self, run_dir: Path, d: parallel.Dist):
+        self.enabled = d.is_main
+        self.file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
+        self.tb = None
+        if self.enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
+
+
+def run(cfg: Config, shards_dir: str, run_dir: str, max_steps: int | None = None, resume: bool = False) -> list[dict]:
+    d = parallel.init_distributed()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = data.load_tokenizer(cfg.data.tokenizer)
+    train_urls, eval_urls = data.list_shards(shards_dir, cfg.data.eval_shards)
+    data.preflight(train_urls + eval_urls, cfg.data.allow_unreleased_codec)
+
+    model = build_model(cfg, tokenizer).to(d.device)
+    model = parallel.parallelize(model, cfg, d)
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    step, consumed = 0, 0
+    if resume:
+        path = checkpoint.latest(run_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
+        meta = checkpoint.load(path, d, model, optimizer, scheduler)
+        step, consumed = meta["step"], meta["data"]["consumed"]
+        log.info("resumed from %s at step %d", path, step)
+    if d.is_main:
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    decoder = data.SampleDecoder(tokenizer, cfg.data, cfg.model.num_codebooks)
+    stream = data.ShardStream(train_urls, decoder, cfg.data, cfg.train.seed, cfg.data.micro_batch_size)
+    batches = data.BatchStream(stream, cfg.data.num_workers, consumed)
+    held_out = []
+    if eval_urls and cfg.train.eval_every > 0:
+        held_out = data.eval_batches(eval_urls, decoder, cfg.data.micro_batch_size, cfg.train.eval_batches)
+
+    metrics, history = Metrics(run_dir, d), []
+    last = max_steps if max_steps is not None else cfg.train.steps  # --max-steps stops early, same schedule
+    model.train()
+    while step < last:
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+        m = train_step(model, optimizer, scheduler, micro, cfg, step, d)
+        step += 1
+        dt = time.perf_counter() - t0
+        m.update(step=step, step_time=dt, frames_per_s=m["frames"] / dt, tokens_per_s=m["tokens"] / dt,
+                 peak_mem_gb=peak_memory_gb(d.device))
+        if held_out and step % cfg.train.eval_every == 0:
+            m.update(evaluate(model, held_out, cfg, d))
+        history.append(m)
+        if step % cfg.train.log_every == 0 or "eval_loss" in m:
+            metrics.write(m)
+            if d.is_main:
+                log.info("step %d loss %.4f (c0 %.4f, dec %.4f) lr %.2e %.0f frames/s", step, m["loss"],
+                         m["c0_loss"], m["decoder_loss"], m["lr"], m["frames_per_s"])
+        if (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0) or step == last:
+            checkpoint.save(run_dir, d, model, optimizer, scheduler, step,
+                            {"consumed": batches.consumed, "seed": cfg.train.seed}, cfg.to_dict(),
+                            cfg.train.keep_checkpoints)
+    metrics.close()
+    return history
