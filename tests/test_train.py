@@ -196,3 +196,14 @@ def test_activation_checkpointing_same_gradients(corpus):
         sum(loss.loss_sums(model, batch, N)).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_byte_tokenizer_round_trips_text_offline():
+    from train.data import load_tokenizer
+
+    tok = load_tokenizer("bytes")
+    text = "[S0]Héllo, wörld!"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text.encode()) and max(ids) < 258
+    assert tok.decode(ids) == text
+    assert tok.bos_token_id is not None and tok.eos_token_id is not None and tok.bos_token_id != tok.eos_token_id

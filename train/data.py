@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import random
 import tarfile
 from pathlib import Path
@@ -22,6 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from train.config import DataConfig
 
+log = logging.getLogger(__name__)
+
 UNRELEASED_MSG = (
     "shard {where} holds codes from a Mimi codec without released weights (codec.released=false, "
     "weights={weights}); such codes carry no speech information and a model trained on them is useless. "
@@ -29,10 +32,29 @@ UNRELEASED_MSG = (
 )
 
 
+def byte_tokenizer():
+    """An offline byte-level tokenizer (256 byte symbols + BOS/EOS): for laptop and plumbing runs
+    where the gated Llama-3.2 tokenizer cannot be had. Not what the released CSM was trained with."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab.update({"<|begin_of_text|>": len(vocab), "<|end_of_text|>": len(vocab) + 1})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+
+
 def load_tokenizer(name: str):
-    """Llama-3.2 text tokenizer from a hub id, a local directory or a tokenizer.json file."""
+    """Llama-3.2 text tokenizer from a hub id, a local directory or a tokenizer.json file;
+    "bytes" for the offline byte-level tokenizer (logged loudly)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    if name == "bytes":
+        log.warning("!!! data.tokenizer=bytes: byte-level text tokens, not the Llama-3.2 tokenizer CSM uses !!!")
+        return byte_tokenizer()
     try:
         if name.endswith(".json") and Path(name).is_file():
             tok = PreTrainedTokenizerFast(tokenizer_file=name)
