@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from stages.decode import DecodeConfig, decode_chunks
-from stages.records import Region
 from stages.tokenize import CodecUnavailable, TokenizeConfig, encode_batch, load_mimi
 
 

@@ -6,7 +6,6 @@ cluster joined), on short clips of pyannote's sample so they stay affordable on 
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, parse_set
+from pipeline.config import ConfigError, load_config
+from pipeline.overrides import parse_sets
 from stages.records import Region, Turn, Utterance
 from stages.utterances import UtterancesConfig, assign_speaker, merge_utterances, split_at_turns
 from stages.windows import WindowsConfig, audio_frames, group_windows, positions
@@ -79,4 +80,4 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config([], ["nope.x=1"])
     with pytest.raises(ConfigError, match="expected int"):
         load_config([], ["asr.batch_size=many"])
-    assert parse_set("a.b.c=null") == {"a": {"b": {"c": None}}}
+    assert parse_sets(["a.b.c=null", "a.d=2"]) == {"a": {"b": {"c": None}, "d": 2}}

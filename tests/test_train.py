@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from train import data, loop, loss
 from train.cli import train as train_cmd
-from train.config import load_config, parse_set
+from train.config import load_config, parse_sets
 from train.parallel import Dist
 from train.testing import make_sample, make_shards, tiny_tokenizer
 
@@ -37,7 +37,7 @@ def corpus(tmp_path_factory):
 
 def _cfg(corpus, **over):
     base = {"data": {"tokenizer": str(corpus / "tok"), "allow_unreleased_codec": True}}
-    for k, v in parse_set([f"{k}={v}" for k, v in over.items()]).items():
+    for k, v in parse_sets([f"{k}={v}" for k, v in over.items()]).items():
         base.setdefault(k, {}).update(v)
     return load_config("configs/train/tiny.yaml", base)
 
@@ -146,10 +146,10 @@ def test_unreleased_codec_refused_without_flag(tmp_path, corpus):
 
 
 def test_config_overrides_strict(tmp_path):
-    cfg = load_config("configs/train/tiny.yaml", parse_set(["train.lr=1e-4", "model.rope_scaling=null"]))
+    cfg = load_config("configs/train/tiny.yaml", parse_sets(["train.lr=1e-4", "model.rope_scaling=null"]))
     assert cfg.train.lr == 1e-4 and cfg.model.rope_scaling is None and cfg.model.flavour == "tiny"
     with pytest.raises(KeyError, match="train.lrr"):
-        load_config(None, parse_set(["train.lrr=1"]))
+        load_config(None, parse_sets(["train.lrr=1"]))
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  shuffle_bufer: 3\n")
     with pytest.raises(KeyError, match="data.shuffle_bufer"):

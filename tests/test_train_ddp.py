@@ -20,9 +20,9 @@ SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
 from train import data, loop, parallel
-from train.config import load_config, parse_set
+from train.config import load_config, parse_sets
 shards, tok_dir, out, split, mode = sys.argv[1:6]
-cfg = load_config("configs/train/tiny.yaml", parse_set([
+cfg = load_config("configs/train/tiny.yaml", parse_sets([
     f"data.tokenizer={tok_dir}", "data.allow_unreleased_codec=true", "train.warmup_steps=1",
     "train.decoder_fraction=0.25", "train.steps=3", f"parallel.mode={mode}"]))
 d = parallel.init_distributed()

@@ -11,7 +11,7 @@ import os
 
 import click
 
-from train.config import load_config, parse_set
+from train.config import load_config, parse_sets
 
 
 @click.command("train")
@@ -30,7 +30,7 @@ def train(shards_dir, config_file, run_dir, max_steps, resume, overrides):
     from train.loop import run  # torch import deferred: `pipeline --help` stays fast
 
     try:
-        cfg = load_config(config_file, parse_set(overrides))
+        cfg = load_config(config_file, parse_sets(overrides))
     except (KeyError, TypeError, ValueError) as e:
         raise click.UsageError(str(e)) from e
     run(cfg, shards_dir, run_dir, max_steps=max_steps, resume=resume)

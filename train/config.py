@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
-
-import yaml
+from pipeline.overrides import apply_overrides, parse_sets, read_yaml  # noqa: F401 (parse_sets re-exported)
 
 
 @dataclass
@@ -90,63 +88,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _coerce(path: str, current: Any, value: Any) -> Any:
-    """Match the default's type: YAML reads `1e-4` as a string, and a typo'd type should fail here."""
-    if current is None or value is None or isinstance(current, dict):
-        return value
-    if isinstance(current, tuple) and isinstance(value, list):
-        return tuple(value)
-    if isinstance(current, bool):
-        if not isinstance(value, bool):
-            raise TypeError(f"config key '{path}' expects true/false, got {value!r}")
-        return value
-    try:
-        if isinstance(current, float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(current, int) and isinstance(value, (int, str)) and not isinstance(value, bool):
-            return int(value)
-    except ValueError as e:
-        raise TypeError(f"config key '{path}' expects a {type(current).__name__}, got {value!r}") from e
-    return value
-
-
-def _apply(obj: Any, overrides: dict, prefix: str = "") -> None:
-    names = {f.name: f for f in dataclasses.fields(obj)}
-    for key, value in overrides.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            raise KeyError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise TypeError(f"config key '{path}' is a section; give a mapping")
-            _apply(current, value, prefix=f"{path}.")
-        else:
-            setattr(obj, key, _coerce(path, current, value))
-
-
-def parse_set(items: list[str] | tuple[str, ...]) -> dict:
-    """`a.b=1` pairs -> nested dict; values parsed as YAML so numbers, bools and null work."""
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got '{item}'")
-        key, raw = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw)
-    return out
-
-
 def load_config(path: str | None = None, overrides: dict | None = None) -> Config:
     cfg = Config()
     if path:
-        with open(path) as f:
-            _apply(cfg, yaml.safe_load(f) or {})
+        apply_overrides(cfg, read_yaml(path))
     if overrides:
-        _apply(cfg, overrides)
+        apply_overrides(cfg, overrides)
     if not 0 < cfg.train.decoder_fraction <= 1:
         raise ValueError("train.decoder_fraction must be in (0, 1]")
     if cfg.data.seq_len > cfg.model.max_seq_len:

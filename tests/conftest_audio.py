@@ -1,0 +1,124 @@
+"""Synthetic conversations with exact ground truth (espeak-ng voices), shared by the diarization
+tests and bench/bench_diarize.py. Needs the `espeak-ng` binary."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from scipy.signal import resample_poly
+
+RATE = 16_000
+CACHE = Path(os.environ.get("CSM_TEST_CACHE", Path(tempfile.gettempdir()) / "csm-corpus-espeak"))
+
+# Measured with resemblyzer (mean cosine distance, 4 lines each): en-us+m3 vs en+f4 0.38 apart,
+# 0.11-0.12 within a voice. Some pairs that sound different are not apart for a speaker encoder
+# (en-us vs en-gb+f3: 0.11, like two lines of one voice) and the segmentation model then also
+# hears one speaker, so they can't test diarization.
+VOICE_A = "en-us+m3"  # male
+VOICE_B = "en+f4"  # female
+CLOSE_VOICES = ("en-us", "en-us+f2")  # 0.28 apart: a harder pair for the bench
+
+# Lines of a two-person chat; plain sentences (no commas) so espeak leaves no long pauses inside.
+SCRIPT = [
+    (0, "Hello there I was hoping we could talk about the project plan today"),
+    (1, "Sure thing I have a few minutes before my next meeting starts"),
+    (0, "Great the first item is the schedule for the data collection"),
+    (1, "I think we are about two weeks behind where we wanted to be"),
+    (0, "That matches what I heard from the team yesterday afternoon"),
+    (1, "We could bring in another person to help with the recordings"),
+    (0, "That sounds reasonable let us check the budget first"),
+    (1, "I will send you the numbers as soon as I get back to my desk"),
+]
+
+
+def have_espeak() -> bool:
+    return shutil.which("espeak-ng") is not None
+
+
+def speak(text: str, voice: str, speed: int = 165) -> np.ndarray:
+    """espeak-ng speech at 16 kHz float32, leading/trailing silence trimmed (cached on disk)."""
+    key = hashlib.sha1(f"{voice}|{speed}|{text}".encode()).hexdigest()[:16]
+    path = CACHE / f"{key}.npy"
+    if path.exists():
+        return np.load(path)
+    wav_bytes = subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text], check=True, capture_output=True
+    ).stdout
+    x, rate = sf.read(io.BytesIO(wav_bytes), dtype="float32")
+    g = np.gcd(rate, RATE)
+    x = resample_poly(x, RATE // g, rate // g).astype(np.float32)
+    loud = np.flatnonzero(np.abs(x) > 0.02 * np.abs(x).max())
+    x = x[loud[0] : loud[-1] + 1]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(path, x)
+    return x
+
+
+@dataclass
+class Conversation:
+    channels: np.ndarray  # float32 [2, samples]: speaker k's speech on channel k only
+    turns: list[tuple[float, float, int]]  # (start, end, speaker index), exact
+
+    @property
+    def mono(self) -> np.ndarray:
+        return self.channels.sum(axis=0).astype(np.float32)
+
+    @property
+    def duration(self) -> float:
+        return self.channels.shape[1] / RATE
+
+
+def conversation(
+    script=SCRIPT,
+    voices=(VOICE_A, VOICE_B),
+    gap: float = 0.6,
+    lead: float = 0.5,
+    overlap_last: float = 0.0,
+    noise_db: float = -55.0,
+    seed: int = 0,
+) -> Conversation:
+    """Lines in order with `gap` seconds of silence between turns; each speaker on its own track.
+
+    `overlap_last` starts each line that much before the previous one ends (crosstalk)."""
+    clips = [(spk, speak(text, voices[spk])) for spk, text in script]
+    turns, t = [], lead
+    for i, (spk, x) in enumerate(clips):
+        start = t - (overlap_last if i else 0.0)
+        turns.append((start, start + len(x) / RATE, spk))
+        t = start + len(x) / RATE + gap
+    n = int(round((t + lead) * RATE))
+    out = np.zeros((2, n), np.float32)
+    for (start, _, spk), (_, x) in zip(turns, clips):
+        i = int(round(start * RATE))
+        out[spk, i : i + len(x)] += x
+    # a faint independent noise floor per channel: real recordings are never digital silence
+    rng = np.random.default_rng(seed)
+    out += (10 ** (noise_db / 20) * rng.standard_normal(out.shape)).astype(np.float32)
+    turns = [(round(s, 4), round(e, 4), k) for s, e, k in turns]
+    return Conversation(out, turns)
+
+
+def energy_regions(x: np.ndarray, frame: float = 0.02, min_gap: float = 0.3, rel_db: float = -35.0):
+    """(start, end) seconds where the frame energy is within rel_db of the loudest frame, with
+    gaps shorter than min_gap bridged: VAD good enough for clean synthetic speech."""
+    n = int(frame * RATE)
+    frames = len(x) // n
+    e = np.square(x[: frames * n].reshape(frames, n)).mean(axis=1)
+    on = 10 * np.log10(e + 1e-12) > 10 * np.log10(e.max() + 1e-12) + rel_db
+    regions: list[list[float]] = []
+    for i in np.flatnonzero(on):
+        s, t = i * frame, (i + 1) * frame
+        if regions and s - regions[-1][1] < min_gap:
+            regions[-1][1] = t
+        else:
+            regions.append([s, t])
+    return [(round(s, 3), round(t, 3)) for s, t in regions]
