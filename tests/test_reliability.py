@@ -94,8 +94,6 @@ def test_sigkill_then_resume_gives_exactly_the_uninterrupted_corpus(reference, c
 def test_bad_inputs_are_recorded_and_good_files_unchanged(ray_session, clips, reference, tmp_path):
     d = tmp_path / "crawl"
     d.mkdir()
-    good = d / "conv0.wav"
-    good.write_bytes(clips[0].read_bytes())
     (d / "empty.wav").write_bytes(b"")
     (d / "random.mp3").write_bytes(np.random.default_rng(1).bytes(20000))
     (d / "notes.mp3").write_text("this is a text file, not audio\n" * 50)
@@ -111,7 +109,9 @@ def test_bad_inputs_are_recorded_and_good_files_unchanged(ray_session, clips, re
     (d / "cut.flac").write_bytes(data[: len(data) // 2])
     (d / "weird.sph").write_bytes(b"NIST_1A\n   1024\nsample_count -i 99999999\nend_head\n" + b"\0" * 100)
     out = tmp_path / "out"
-    result = run_cli(["run", str(d), "--output", str(out), *FAST])
+    # The good file is given by the same path as in the reference run: same source id, so the
+    # samples it produces among bad inputs must be the very bytes it produced without them.
+    result = run_cli(["run", str(d), str(clips[0]), "--output", str(out), *FAST])
     assert result.exit_code == 0, result.output
 
     errors = [json.loads(line) for p in (out / "errors").glob("*.jsonl") for line in p.read_text().splitlines()]
@@ -123,9 +123,7 @@ def test_bad_inputs_are_recorded_and_good_files_unchanged(ray_session, clips, re
     rejected_sources = {r["uri"].rsplit("/", 1)[-1]: r["reason"] for r in rejected}
     for name in ("silence.wav", "blip.wav"):
         assert rejected_sources.get(name) == "no_speech", (name, rejected_sources)
-    noise_id = [c for c in (out / "chunks").glob("noise-*.json")]
-    assert noise_id and ("noise.wav" in rejected_sources or "noise.wav" in recorded or
-                         json.loads(noise_id[0].read_text())["samples"] >= 0)
+    assert rejected_sources.get("noise.wav") == "no_speech", rejected_sources  # silero hears no speech in white noise
     # The good file: exactly the samples it produces alone (same source path -> same keys and bytes).
     alone = {k: v for k, v in corpus_files(reference).items() if "conv0-" in k}
     mixed = {k: v for k, v in corpus_files(out).items() if "conv0-" in k}
