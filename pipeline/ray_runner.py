@@ -83,7 +83,7 @@ def apply_stage(ds: "ray.data.Dataset", stage: Stage, max_retries: int) -> "ray.
             StageWorker,
             fn_constructor_args=(stage,),
             compute=ray.data.ActorPoolStrategy(size=res.actors),
-            max_restarts=max_retries,
+            max_restarts=-1,  # the pool always gets its actor back; the bound is per task:
             max_task_retries=max_retries,
             **common,
         )

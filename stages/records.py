@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -226,7 +226,3 @@ class Chunk:
     def done(self) -> bool:
         """Nothing left for later stages to do."""
         return self.failed or self.audio16k is None
-
-
-def to_dict(record: Any) -> dict[str, Any]:
-    return asdict(record)

@@ -83,35 +83,34 @@ def plan_units(chunk: Chunk, config: UtterancesConfig) -> list[tuple[Region, int
 
 
 def assign_speaker(start: float, end: float, turns: list[Turn]) -> tuple[str | None, float]:
-    """Speaker with most overlap with [start, end) (ties: the smaller label), and the seconds of
-    [start, end) during which two or more speakers talk at once."""
-    inside = [(max(start, t.start), min(end, t.end), t.speaker) for t in turns if t.end > start and t.start < end]
-    if not inside:
+    """Speaker who talks longest within [start, end) (ties: the smaller label), and the seconds of
+    [start, end) during which two or more speakers talk at once. (None, 0.0) when nobody does."""
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for t in turns:
+        if t.end > start and t.start < end:
+            spans.setdefault(t.speaker, []).append((max(start, t.start), min(end, t.end)))
+    if not spans:
         return None, 0.0
-    talk: dict[str, float] = {}
-    for a, b, spk in inside:
-        talk[spk] = talk.get(spk, 0.0) + b - a
-    speaker = max(sorted(talk), key=talk.get)
-    return speaker, overlapped_seconds(inside)
+    merged = {spk: _union(s) for spk, s in spans.items()}  # a speaker's own overlapping turns count once
+    talk = {spk: sum(b - a for a, b in s) for spk, s in merged.items()}
+    return max(sorted(talk), key=talk.get), overlapped_seconds(merged)
 
 
-def overlapped_seconds(intervals: list[tuple[float, float, str]]) -> float:
-    """Total time covered by intervals of at least two different speakers."""
-    per_speaker: dict[str, list[tuple[float, float]]] = {}
-    for a, b, spk in intervals:
-        per_speaker.setdefault(spk, []).append((a, b))
-    events = []
-    for spans in per_speaker.values():  # union per speaker, so one speaker never overlaps itself
-        spans.sort()
-        cur = list(spans[0])
-        for a, b in spans[1:] + [(float("inf"), float("inf"))]:
-            if a > cur[1]:
-                events += [(cur[0], 1), (cur[1], -1)]
-                cur = [a, b]
-            else:
-                cur[1] = max(cur[1], b)
-    total, active, prev = 0.0, 0, None
-    for t, delta in sorted(events):
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def overlapped_seconds(merged: dict[str, list[tuple[float, float]]]) -> float:
+    """Time covered by the disjoint spans of at least two different speakers."""
+    events = sorted((t, d) for spans in merged.values() for a, b in spans for t, d in ((a, 1), (b, -1)))
+    total, active, prev = 0.0, 0, 0.0
+    for t, delta in events:  # ends sort before starts at one instant: touching spans don't overlap
         if active >= 2:
             total += t - prev
         active, prev = active + delta, t

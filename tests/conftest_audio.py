@@ -95,10 +95,10 @@ def conversation(
         start = t - (overlap_last if i else 0.0)
         turns.append((start, start + len(x) / RATE, spk))
         t = start + len(x) / RATE + gap
-    n = int(round((t + lead) * RATE))
+    n = round((t + lead) * RATE)
     out = np.zeros((2, n), np.float32)
     for (start, _, spk), (_, x) in zip(turns, clips):
-        i = int(round(start * RATE))
+        i = round(start * RATE)
         out[spk, i : i + len(x)] += x
     # a faint independent noise floor per channel: real recordings are never digital silence
     rng = np.random.default_rng(seed)

@@ -1,0 +1,155 @@
+"""Diarization quality and speed: DER / JER (pyannote.metrics, collar 0.25 s) of each diarizer
+setting on pyannote's sample (real telephone speech) and on synthetic espeak-ng conversations,
+plus the channel-attribution path on a two-channel call, with seconds per minute of audio.
+
+    python bench/bench_diarize.py            # the grid used to pick the default
+    python bench/bench_diarize.py --quick    # only the default setting
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "0")
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import numpy as np
+import soundfile as sf
+from conftest_audio import CLOSE_VOICES, SCRIPT, conversation, energy_regions
+
+from stages.diarize import DiarizeConfig, DiarizeStage, build_offline_pipeline
+from stages.records import Chunk, Recording, Region
+
+
+def annotation(turns):
+    from pyannote.core import Annotation, Segment
+
+    a = Annotation()
+    for i, t in enumerate(turns):
+        a[Segment(t[0], t[1]), i] = str(t[2])
+    return a
+
+
+def scores(ref_turns, hyp_turns):
+    from pyannote.metrics.diarization import DiarizationErrorRate, JaccardErrorRate
+
+    ref, hyp = annotation(ref_turns), annotation(hyp_turns)
+    return DiarizationErrorRate(collar=0.25)(ref, hyp), JaccardErrorRate(collar=0.25)(ref, hyp), len(hyp.labels())
+
+
+def datasets():
+    """name -> (mono 16 kHz, reference turns (start, end, speaker))."""
+    import pyannote.audio
+
+    sample = Path(pyannote.audio.__file__).parent / "sample"
+    wav, _ = sf.read(sample / "sample.wav", dtype="float32")
+    ref = [(float(r.split()[3]), float(r.split()[3]) + float(r.split()[4]), r.split()[7])
+           for r in (sample / "sample.rttm").read_text().splitlines() if r.strip()]
+    out = {"sample": (wav, ref)}
+    c = conversation()
+    out["synth"] = (c.mono, c.turns)
+    c = conversation(gap=0.15, overlap_last=0.0, seed=1)
+    out["synth-fast"] = (c.mono, c.turns)
+    c = conversation(overlap_last=0.4, seed=2)
+    out["synth-overlap"] = (c.mono, c.turns)
+    c = conversation(voices=CLOSE_VOICES, gap=0.3, seed=3)
+    out["synth-close"] = (c.mono, c.turns)
+    # longer audio: more embeddings, more chances of a spurious cluster
+    out["sample-x4"] = (np.concatenate([wav] * 4), [(s + 30.0 * i, e + 30.0 * i, k) for i in range(4) for s, e, k in ref])
+    c = conversation(script=SCRIPT * 4, gap=0.4, seed=9)
+    out["synth-2min"] = (c.mono, c.turns)
+    return out
+
+
+def channel_call():
+    """DER of channel attribution through the stage (auto mode) on a two-channel call."""
+    c = conversation(gap=0.2, overlap_last=0.0, seed=4)
+    chunk = Chunk(Recording("call", "call.wav", c.duration, 16000, 2), 0, 0.0, True,
+                  audio16k=c.channels, audio24k=np.zeros(1, np.float32))
+    chunk.channel_speech = [[Region(s, e) for s, e in energy_regions(ch)] for ch in c.channels]
+    chunk.speech = [Region(s, e) for s, e in energy_regions(c.mono)]
+    stage = DiarizeStage(DiarizeConfig())
+    t = time.perf_counter()
+    stage.process(chunk)  # channel mode needs no model: setup() not required
+    el = time.perf_counter() - t
+    return chunk.custom["speaker_mode"], scores(c.turns, [(x.start, x.end, x.speaker) for x in chunk.turns]), el, c.duration
+
+
+def run(pipeline, wav, file=None):
+    """Diarize; `file` (a dict reused across calls) lets pyannote's training-mode cache keep the
+    segmentation and embeddings, so only the clustering is redone when only its threshold moves."""
+    import torch
+
+    file = file if file is not None else {}
+    file.update(waveform=torch.from_numpy(wav)[None], sample_rate=16000, uri="bench")
+    out = pipeline(file)
+    return [(float(s.start), float(s.end), k) for s, _, k in out.speaker_diarization.itertracks(yield_label=True)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    data = datasets()
+    base = DiarizeConfig()
+    thresholds = [base.threshold] if args.quick else [0.35, 0.4, 0.44, 0.46, 0.48, 0.5, 0.52, 0.6]
+    cluster_sizes = [base.min_cluster_size] if args.quick else [3, 8, 20]
+    # (segmentation step, exclude overlap, segmentation threshold): each needs its own segmentation and
+    # embedding pass; the clustering settings are then redone on pyannote's cached embeddings
+    front_ends = [(base.segmentation_step, base.embedding_exclude_overlap, base.segmentation_threshold)]
+    if not args.quick:
+        front_ends = [(0.1, False, 0.5), (0.1, True, 0.5), (0.1, False, 0.4), (0.2, True, 0.5)]
+
+    mode, (der, jer, n), el, dur = channel_call()
+    print(f"channel attribution (auto -> {mode}) on a two-channel call: DER {der:.3f} JER {jer:.3f} "
+          f"speakers {n}, {60 * el / dur:.3f} s/min\n")
+    names = list(data)
+    print("DER / JER (collar 0.25 s) and speakers found; offline diarizer, centroid linkage")
+    print(f"{'setting':40s} " + " ".join(f"{d:>16s}" for d in names) + "  mean DER  worst")
+    speed, summary = [], []
+    for step, excl, seg_thr in front_ends:
+        cfg = replace(base, segmentation_step=step, embedding_exclude_overlap=excl, segmentation_threshold=seg_thr)
+        pipeline = build_offline_pipeline(cfg)
+        pipeline.training = True  # cache segmentation + embeddings in each file dict
+        files = {name: {} for name in data}
+        front = f"seg>{seg_thr} step={step}{' excl-ovl' if excl else ''}"
+        for mcs in cluster_sizes:
+            for thr in thresholds:
+                pipeline.instantiate({"clustering": {"threshold": thr, "min_cluster_size": mcs}})
+                cells, ders = [], []
+                for dname, (wav, ref) in data.items():
+                    first = not files[dname]
+                    t, c = time.perf_counter(), time.process_time()
+                    hyp = run(pipeline, wav, files[dname])
+                    if first:
+                        minutes = len(wav) / 16000 / 60
+                        speed.append((front, dname, (time.perf_counter() - t) / minutes, (time.process_time() - c) / minutes))
+                    der, jer, n = scores(ref, hyp)
+                    ders.append(der)
+                    cells.append(f"{der:.3f}/{jer:.3f} {n:d}")
+                name = f"{front} mcs={mcs} thr={thr}"
+                print(f"{name:40s} " + " ".join(f"{x:>16s}" for x in cells) + f"  {np.mean(ders):8.3f}  {max(ders):.3f}", flush=True)
+                summary.append((max(ders), float(np.mean(ders)), name))
+    print("\nspeed (first pass: segmentation + embeddings + clustering), seconds per minute of audio;")
+    print("wall is noisy on a shared machine, cpu is process CPU seconds over all threads")
+    for front, dname, wall, cpu in speed:
+        print(f"{front:28s} {dname:14s} wall {wall:6.2f}  cpu {cpu:6.2f}")
+    print("\nbest by worst-case DER over the data sets")
+    for worst, mean, name in sorted(summary)[:8]:
+        print(f"{name:40s} worst {worst:.3f} mean {mean:.3f}")
+
+
+if __name__ == "__main__":
+    main()
