@@ -133,6 +133,11 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, addr
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.verbose_stats_logs = False
+    # Per-item failures are caught inside the stages. What reaches Ray is a worker that died (killed,
+    # out of memory, crashed in native code): Ray retries it `max_retries` times, then drops that
+    # block instead of failing the run, and the source is recorded as an error (record_incomplete).
+    # Set before the dataset is built: a dataset copies the context when it is created.
+    ctx.max_errored_blocks = -1
     _use_gpus(config)
     decode = DecodeStage(config.decode)
     stages = build_stages(config)
@@ -144,10 +149,6 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, addr
     ds = ds.map_batches(_decode(decode), batch_size=1, num_cpus=decode.resources().cpus, max_retries=max_retries)
     for stage in stages:
         ds = apply_stage(ds, stage, max_retries)
-    # Per-item failures are caught inside the stages. What reaches Ray is a worker that died (killed,
-    # out of memory, crashed in native code): Ray retries it `max_retries` times, then drops that
-    # block instead of failing the run, and the source is recorded as an error below.
-    ctx.max_errored_blocks = -1
     for row in ds.iter_rows():
         progress.update(pickle.loads(row["chunk"]))
     progress.finish()

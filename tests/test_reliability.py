@@ -224,3 +224,25 @@ def test_several_nodes_give_the_same_samples(reference, clips, tmp_path):
         assert json.loads((out / "run.json").read_text())["nodes_used"] == 2  # the work really spread
     finally:
         cluster.shutdown()
+
+
+def test_input_that_keeps_killing_workers_is_recorded_then_retried_on_resume(reference, clips, tmp_path):
+    out = tmp_path / "corpus"
+    args = [*map(str, clips), "--output", str(out), *FAST]
+    proc = cli([*args, "--set", "run.max_task_retries=1"])
+    start, kills = time.time(), 0
+    while proc.poll() is None:
+        assert time.time() - start < 600, "run hung"
+        if list((out / "chunks").glob("*.json")):  # once work flows, every model worker dies on sight
+            for pid in _ray_workers("MapWorker"):
+                os.kill(pid, signal.SIGKILL)
+                kills += 1
+        time.sleep(0.5)
+    log = proc.stdout.read().decode(errors="replace")
+    assert proc.returncode == 0, log[-3000:]
+    crashed = [json.loads(line) for p in (out / "errors").glob("*-incomplete.jsonl") for line in p.read_text().splitlines()]
+    assert kills and crashed and all(c["error_type"] == "WorkerCrashed" for c in crashed)
+    # The crashed sources are not marked done: a rerun retries them and ends with the full corpus.
+    finish(cli(args))
+    assert corpus_files(out) == corpus_files(reference)
+    assert not list((out / "errors").glob("*-incomplete.jsonl"))
