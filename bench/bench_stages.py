@@ -49,10 +49,10 @@ def main() -> None:
         t, cpu = time.perf_counter(), process_cpu_seconds()
         chunks = stage.process_batch(chunks)
         rows.append([stage.name, f"{load:.2f}", f"{time.perf_counter() - t:.2f}", f"{process_cpu_seconds() - cpu:.2f}"])
-    rows = [r + [f"{audio / max(float(r[2]), 1e-9):.1f}"] for r in rows]
+    rows = [r + [f"{audio / float(r[2]):.1f}" if float(r[2]) >= 0.01 else ">10000"] for r in rows]
     print(f"## Each stage alone: {len(inputs)} inputs, {audio:.0f} s of audio, {args.threads} threads\n")
     print(table(rows, ["stage", "load s", "wall s", "CPU s", "x real time"]))
-    bottleneck = min((r for r in rows if r[0] not in ("utterances", "windows")), key=lambda r: float(r[4]))
+    bottleneck = min((r for r in rows if r[4][0] != ">"), key=lambda r: float(r[4]))
     print(f"\nbottleneck: {bottleneck[0]} ({bottleneck[4]}x real time)")
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.corpus import chunk_records, read_errors
+from stages.intervals import intersect, length, subtract, union
 from stages.write import OutputDir
 
 STAGE_ORDER = ["decode", "vad", "diarize", "asr", "utterances", "filters:utterance", "windows", "filters:window", "tokenize", "write"]
@@ -51,44 +52,6 @@ def _filter_order() -> tuple[list[str], set[str]]:
     from stages.filters import FILTER_ORDER, WINDOW_FILTERS
 
     return FILTER_ORDER, {f.name for f in WINDOW_FILTERS}
-
-
-def _union(iv: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[list[float]] = []
-    for a, b in sorted(iv):
-        if b <= a:
-            continue
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
-
-
-def _subtract(iv: list[tuple[float, float]], taken: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Parts of a sorted disjoint list not inside another sorted disjoint list (one merge pass)."""
-    out, j, n = [], 0, len(taken)
-    for a, b in iv:
-        while j < n and taken[j][1] <= a:
-            j += 1
-        cur, k = a, j
-        while k < n and taken[k][0] < b:
-            c, d = taken[k]
-            if c > cur:
-                out.append((cur, c))
-            cur = max(cur, d)
-            k += 1
-        if cur < b:
-            out.append((cur, b))
-    return out
-
-
-def _length(iv: list[tuple[float, float]]) -> float:
-    return float(sum(b - a for a, b in iv))
-
-
-def _intersect(iv: list[tuple[float, float]], other: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    return _subtract(iv, _subtract(iv, other))
 
 
 def line_key(stage: str, reason: str, level: str | None) -> str:
@@ -173,24 +136,24 @@ def _funnel(chunks: list[dict], recs: list[Record], kept: dict[tuple[str, int], 
             records[key] += 1
             continue
         windows, spans = kept.get((c["source_id"], c["chunk"]), ((), ()))
-        windows = _union([(max(a, s), min(b, e)) for s, e in windows])
-        taken = _union([(max(a, s), min(b, e)) for s, e in spans])
-        seconds["kept"] += _length(taken)
+        windows = union([(max(a, s), min(b, e)) for s, e in windows])
+        taken = union([(max(a, s), min(b, e)) for s, e in spans])
+        seconds["kept"] += length(taken)
         by_line: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for key, s, e in by_chunk.get((c["source_id"], c["offset"]), ()):
             if e > a and s < b:
                 by_line[key].append((max(a, s), min(b, e)))
         for key in sorted(by_line, key=lambda k: ranks[k]):
-            new = _subtract(_union(by_line[key]), taken)
+            new = subtract(union(by_line[key]), taken)
             if key == "vad:non_speech":
-                inside = _intersect(new, windows)
-                seconds[PAUSES] += _length(inside)
-                seconds[key] += _length(new) - _length(inside)
+                inside = intersect(new, windows)
+                seconds[PAUSES] += length(inside)
+                seconds[key] += length(new) - length(inside)
                 ranks.setdefault(PAUSES, ranks[key][:1] + (False, -1, ""))
             else:
-                seconds[key] += _length(new)
-            taken = _union(taken + new)
-        seconds["unaccounted"] += max(0.0, (b - a) - _length(taken))
+                seconds[key] += length(new)
+            taken = union(taken + new)
+        seconds["unaccounted"] += max(0.0, (b - a) - length(taken))
     kept_s = seconds.pop("kept", 0.0)
     unaccounted = seconds.pop("unaccounted", 0.0)
     lines = [

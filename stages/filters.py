@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stages.base import Stage
+from stages.intervals import complement, covered, union
 from stages.records import ANALYSIS_RATE, Chunk, Rejection, Utterance, Window
 
 # Known Whisper "phantom" outputs: subtitle credits and video outros it hallucinates on silence,
@@ -97,37 +98,6 @@ class FiltersConfig:
 
 
 # ------------------------------------------------------------------ interval and signal helpers
-
-
-def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[list[float]] = []
-    for a, b in sorted(intervals):
-        if b <= a:
-            continue
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
-
-
-def covered(intervals: list[tuple[float, float]], start: float, end: float) -> float:
-    """Seconds of [start, end) inside a sorted, disjoint interval list."""
-    return sum(max(0.0, min(b, end) - max(a, start)) for a, b in intervals if b > start and a < end)
-
-
-def complement(intervals: list[tuple[float, float]], start: float, end: float) -> list[tuple[float, float]]:
-    """Parts of [start, end) not inside a sorted, disjoint interval list."""
-    out, cur = [], start
-    for a, b in intervals:
-        if b <= cur or a >= end:
-            continue
-        if a > cur:
-            out.append((cur, min(a, end)))
-        cur = max(cur, b)
-    if cur < end:
-        out.append((cur, end))
-    return [(a, b) for a, b in out if b > a]
 
 
 def words_of(text: str) -> list[str]:

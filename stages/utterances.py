@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.base import Stage
+from stages.intervals import union
 from stages.records import AsrSegment, Chunk, Region, Rejection, Turn, Utterance
 
 _STEP = 0.02  # seconds: resolution for finding speaker changes inside a region
@@ -91,19 +92,9 @@ def assign_speaker(start: float, end: float, turns: list[Turn]) -> tuple[str | N
             spans.setdefault(t.speaker, []).append((max(start, t.start), min(end, t.end)))
     if not spans:
         return None, 0.0
-    merged = {spk: _union(s) for spk, s in spans.items()}  # a speaker's own overlapping turns count once
+    merged = {spk: union(s) for spk, s in spans.items()}  # a speaker's own overlapping turns count once
     talk = {spk: sum(b - a for a, b in s) for spk, s in merged.items()}
     return max(sorted(talk), key=talk.get), overlapped_seconds(merged)
-
-
-def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[list[float]] = []
-    for a, b in sorted(spans):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
 
 
 def overlapped_seconds(merged: dict[str, list[tuple[float, float]]]) -> float:
