@@ -14,10 +14,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
-want=$(cat pyproject.toml constraints.txt | sha1sum | cut -c1-16)
+want=$(cat pyproject.toml constraints.txt bootstrap.sh | sha1sum | cut -c1-16)
 if [ "$(cat .venv/.csm-corpus-installed 2>/dev/null)" != "$want" ]; then
   echo "[bootstrap] installing dependencies into .venv (first time: ~5 min, ~8.5 GB)" >&2
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -c constraints.txt -e '.[test]'
+  # compat: the checkout itself goes on sys.path, so packages added later import without a reinstall
+  .venv/bin/pip install -q -c constraints.txt -e '.[test]' --config-settings editable_mode=compat
   echo "$want" > .venv/.csm-corpus-installed
 fi
