@@ -67,18 +67,18 @@ def plan_units(chunk: Chunk, config: UtterancesConfig) -> list[tuple[Region, int
         units = [(p, None) for r in chunk.speech for p in split_at_turns(r, chunk.turns, config.min_piece)]
     units.sort(key=lambda u: (u[0].start, u[1] or 0))
     merged: list[tuple[Region, int | None, str | None]] = []
+    last: dict[int | None, int] = {}  # channel -> index of its latest unit
     for region, channel in units:
         speaker = assign_speaker(region.start, region.end, chunk.turns)[0] if channel is None else None
-        if merged:
-            last, last_channel, last_speaker = merged[-1]
-            if (
-                last_channel == channel
-                and last_speaker == speaker
-                and 0 <= region.start - last.end <= config.merge_gap
-                and region.end - last.start <= config.max_seconds
-            ):
-                merged[-1] = (Region(last.start, region.end), channel, speaker)
+        i = last.get(channel)
+        # On the mono mix only the directly preceding unit can continue; on separate channels the
+        # other side's backchannel ("yes") does not end this side's utterance.
+        if i is not None and (channel is not None or i == len(merged) - 1):
+            prev, _, prev_speaker = merged[i]
+            if prev_speaker == speaker and 0 <= region.start - prev.end <= config.merge_gap and region.end - prev.start <= config.max_seconds:
+                merged[i] = (Region(prev.start, region.end), channel, speaker)
                 continue
+        last[channel] = len(merged)
         merged.append((region, channel, speaker))
     return [(r, c) for r, c, _ in merged]
 

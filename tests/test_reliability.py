@@ -246,3 +246,20 @@ def test_input_that_keeps_killing_workers_is_recorded_then_retried_on_resume(ref
     finish(cli(args))
     assert corpus_files(out) == corpus_files(reference)
     assert not list((out / "errors").glob("*-incomplete.jsonl"))
+
+
+def test_adding_inputs_processes_only_the_new_ones(reference, clips, tmp_path):
+    import shutil
+
+    out = tmp_path / "corpus"
+    shutil.copytree(reference, out)
+    before = corpus_files(out)
+    audio, rate = sf.read(clips[0], dtype="float32")
+    new = tmp_path / "new.wav"
+    sf.write(new, audio[: rate * 8], rate)
+    log = finish(cli([*map(str, clips), str(new), "--output", str(out), *FAST]))
+    assert "3 inputs (2 already done)" in log
+    after = corpus_files(out)
+    assert {k: v for k, v in after.items() if k in before} == before  # finished work untouched
+    added = set(after) - set(before)
+    assert added and all("new-" in k for k in added)

@@ -81,3 +81,33 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match="expected int"):
         load_config([], ["asr.batch_size=many"])
     assert parse_sets(["a.b.c=null", "a.d=2"]) == {"a": {"b": {"c": None}, "d": 2}}
+
+
+def test_channel_mode_transcribes_each_channel_and_names_its_speaker():
+    import numpy as np
+
+    from stages.records import Chunk, Recording
+    from stages.utterances import plan_units, to_utterance
+    from stages.records import AsrSegment
+
+    chunk = Chunk(Recording("call", "call.wav", 10.0, 8000, 2), 0, 0.0, True, np.zeros((2, 160000), np.float32))
+    chunk.custom.update(speaker_mode="channels", channel_speakers={"S0": 1, "S1": 0})
+    chunk.channel_speech = [[Region(4.0, 5.0), Region(5.2, 6.0)], [Region(1.0, 3.0), Region(4.5, 4.8)]]
+    chunk.turns = [Turn(1.0, 3.0, "S0"), Turn(4.0, 6.0, "S1"), Turn(4.5, 4.8, "S0")]
+    units = plan_units(chunk, UtterancesConfig(merge_gap=0.5))
+    # Channel 0's two regions join (0.2 s pause); channel 1's stay apart; each keeps its channel.
+    assert [(u.start, u.end, c) for u, c in units] == [(1.0, 3.0, 1), (4.0, 6.0, 0), (4.5, 4.8, 1)]
+    utt = to_utterance(AsrSegment(4.5, 4.8, "yes", "en", -0.1, 0.0, channel=1), chunk)
+    assert utt.speaker == "S0" and utt.overlap == pytest.approx(0.3)  # the other channel talks throughout
+
+
+def test_source_ids_are_safe_file_names_and_keys():
+    from stages.records import source_id
+    from stages.write import sample_key
+
+    for uri in ["../../etc/passwd", "/data/a b/ünïcode.tar.gz.wav", "s3://bucket/x/..", "", "/x/.hidden", "C:\\evil\\..\\f.mp3"]:
+        sid = source_id(uri)
+        assert sid and all(c.isascii() and (c.isalnum() or c in "_-") for c in sid), (uri, sid)
+        assert "." not in sample_key(sid, 3, 7) and "/" not in sample_key(sid, 3, 7)
+    assert source_id("/a/x.wav") != source_id("/b/x.wav")  # same name, different files: different ids
+    assert source_id("/a/x.wav") == source_id("/a/x.wav")
