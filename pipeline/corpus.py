@@ -4,7 +4,6 @@ manifest and run.json. Reads the small files (chunk records, manifests), never t
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import platform
 import time
@@ -83,15 +82,6 @@ def write_run_json(out: OutputDir, config: PipelineConfig, summary: dict[str, An
     }
     out.write_bytes("run.json", json.dumps(run, indent=1, sort_keys=True, default=str).encode())
     return run
-
-
-def read_parquet_dir(out: OutputDir, sub: str):
-    """All parquet parts of a directory as one table (empty table when there are none)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tables = [pq.read_table(io.BytesIO(out.read_bytes(f"{sub}/{n}"))) for n in out.list(sub, ".parquet")]
-    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
 
 def read_errors(out: OutputDir) -> list[dict[str, Any]]:
