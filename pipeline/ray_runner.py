@@ -158,10 +158,12 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, addr
 
 def record_incomplete(out: OutputDir, uris: list[str], progress: Progress, max_retries: int) -> None:
     """An error record for each source whose chunks did not all come back; cleared once it completes."""
+    stale = set(out.list("errors", "-incomplete.jsonl"))  # one listing, not a lookup per input
     for uri in uris:
-        rel = f"errors/{source_id(uri)}-incomplete.jsonl"
+        name = f"{source_id(uri)}-incomplete.jsonl"
+        rel = f"errors/{name}"
         if uri in progress.done_sources:
-            if out.exists(rel):
+            if name in stale:
                 out.fs.delete_file(out.path(rel))
             continue
         seen = sorted(progress.chunks_seen.get(uri, ()))

@@ -33,6 +33,17 @@ def process_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class Clock:
+    """Wall and process-CPU seconds since creation, charged to a chunk under a stage name."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), process_cpu_seconds()
+
+    def charge(self, chunk: Chunk, stage: str) -> None:
+        chunk.timings[stage] = chunk.timings.get(stage, 0.0) + time.perf_counter() - self.wall
+        chunk.cpu_times[stage] = chunk.cpu_times.get(stage, 0.0) + process_cpu_seconds() - self.cpu
+
+
 def torch_threads(cpus: float) -> int:
     """Intra-op threads for a worker declared with `cpus`, so workers don't oversubscribe cores."""
     return max(1, min(int(round(cpus)), os.cpu_count() or 1))
@@ -69,15 +80,14 @@ class Stage:
             if chunk.done and not self.handles_done:  # failed or rejected upstream: pass through
                 out.append(chunk)
                 continue
-            wall, cpu = time.perf_counter(), process_cpu_seconds()
+            clock = Clock()
             try:
                 chunk = self.process(chunk)
                 self.counters["ok"] += 1
             except Exception as exc:  # recorded, never lost: the writer turns it into errors/
                 chunk.fail(self.name, exc)
                 self.counters[f"error:{type(exc).__name__}"] += 1
-            chunk.timings[self.name] = chunk.timings.get(self.name, 0.0) + time.perf_counter() - wall
-            chunk.cpu_times[self.name] = chunk.cpu_times.get(self.name, 0.0) + process_cpu_seconds() - cpu
+            clock.charge(chunk, self.name)
             out.append(chunk)
         return out
 

@@ -7,13 +7,12 @@ the quietest point near the boundary so an utterance is rarely split.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-from stages.base import Resources, Stage, process_cpu_seconds
+from stages.base import Clock, Resources, Stage
 from stages.records import ANALYSIS_RATE, CODEC_RATE, Chunk, ErrorRecord, Recording, source_id
 
 # Cut positions are multiples of this many 16 kHz samples so that the matching 24 kHz index
@@ -173,12 +172,11 @@ class DecodeStage(Stage):
         chunks = decode_chunks(uri, self.config)
         try:
             while True:
-                wall, cpu = time.perf_counter(), process_cpu_seconds()
+                clock = Clock()  # decoding happens lazily, inside next()
                 chunk = next(chunks, None)
                 if chunk is None:
                     return
-                chunk.timings[self.name] = time.perf_counter() - wall
-                chunk.cpu_times[self.name] = process_cpu_seconds() - cpu
+                clock.charge(chunk, self.name)
                 next_index = chunk.index + 1
                 yield chunk
         except Exception as exc:
