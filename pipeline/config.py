@@ -25,8 +25,12 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 @dataclass
 class RunConfig:
-    num_cpus: int | None = None  # local Ray only; None: 2 x cores (model actors must not starve decode/write tasks)
-    num_gpus: int | None = None  # local Ray only; None: what torch sees
+    num_cpus: int | None = None  # local Ray only; None: cores + 1, or 2 x cores with fuse_stages=false
+    # One actor pool running every stage after decode (None: when the cluster has no GPU), with
+    # `workers` actors (None: the cluster's CPUs less one for decoding, over the stages' largest `cpus`).
+    fuse_stages: bool | None = None
+    workers: int | None = None
+    num_gpus: int | None = None  # local Ray only; None: what Ray detects
     progress_seconds: float = 10.0
     max_task_retries: int = 3  # a worker that dies is retried this many times, then the input is an error
 

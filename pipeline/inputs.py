@@ -22,9 +22,11 @@ class Input:
 
 def embedded_default() -> list[str]:
     """The embedded corpus: pyannote's two-speaker telephone conversation, installed with pyannote.audio."""
-    import pyannote.audio
+    import importlib.util
 
-    return [str(Path(pyannote.audio.__file__).parent / "sample" / "sample.wav")]
+    # Located without importing pyannote.audio, whose import (lightning, torchmetrics) takes ~8 s.
+    spec = importlib.util.find_spec("pyannote.audio")
+    return [str(Path(spec.origin).parent / "sample" / "sample.wav")]
 
 
 def _is_audio_name(name: str) -> bool:

@@ -7,6 +7,7 @@ so Ray never guesses an Arrow type for them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import ray
 from pipeline.config import PipelineConfig
 from pipeline.progress import Progress
 from stages.asr import AsrStage
-from stages.base import Stage
+from stages.base import Resources, Stage
 from stages.decode import DecodeStage
 from stages.diarize import DiarizeStage
 from stages.filters import FilterStage
@@ -33,6 +34,7 @@ from stages.windows import WindowsStage
 from stages.write import OutputDir, WriteStage
 
 log = logging.getLogger(__name__)
+DECODE_RESERVE_CPUS = 1.0  # logical CPUs fused workers leave to the decode tasks
 
 
 def build_stages(config: PipelineConfig) -> list[Stage]:
@@ -59,35 +61,68 @@ def _loads(batch: dict[str, np.ndarray]) -> list[Chunk]:
 
 
 class StageWorker:
-    """Ray Data UDF around one stage: the actor (or task) calls setup() once, then batches."""
+    """Ray Data UDF around a run of stages: each worker calls every stage's setup() once, then
+    passes each batch through the stages in order (one stage, or all of them when fused)."""
 
-    def __init__(self, stage: Stage):
+    def __init__(self, stages: list[Stage]):
         # pyannote warns at import that torchcodec cannot load (no system FFmpeg): we never use it,
         # audio reaches every model in memory.
         warnings.filterwarnings("ignore", message=r"\s*torchcodec")
-        self.stage = stage
+        self.stages = stages
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
-        chunks = self.stage.process_batch(_loads(batch))
+        chunks = _loads(batch)
         node = ray.get_runtime_context().get_node_id()
-        for chunk in chunks:
-            chunk.custom.setdefault("nodes", {})[self.stage.name] = node
+        for stage in self.stages:
+            chunks = stage.process_batch(chunks)
+            for chunk in chunks:
+                chunk.custom.setdefault("nodes", {})[stage.name] = node
         return _dumps(chunks)
 
 
-def apply_stage(ds: "ray.data.Dataset", stage: Stage, max_retries: int) -> "ray.data.Dataset":
-    res = stage.resources()
+def group_resources(stages: list[Stage]) -> Resources:
+    """What a worker running `stages` one after another needs: the most any of them needs."""
+    rs = [s.resources() for s in stages]
+    return Resources(cpus=max(r.cpus for r in rs), gpus=max(r.gpus for r in rs), actors=max(r.actors for r in rs),
+                     batch_size=max(r.batch_size for r in rs), uses_model=any(r.uses_model for r in rs))
+
+
+def plan_groups(stages: list[Stage], config: PipelineConfig) -> list[tuple[list[Stage], Resources]]:
+    """One operator per stage, or (fused) a single actor pool running every stage after decode.
+
+    Fusing is the default when the cluster has no GPU. Each worker takes a chunk through the whole
+    chain on its own core: a chunk is pickled once instead of at every stage, and every core runs
+    models all the time instead of some pools idling while the slowest (Mimi) holds a backlog.
+    """
+    fuse = config.run.fuse_stages
+    if fuse is None:
+        fuse = ray.cluster_resources().get("GPU", 0) <= 0
+    if not fuse:
+        return [([s], group_resources([s])) for s in stages]
+    res = group_resources(stages)
+    workers = config.run.workers
+    if workers is None:  # every CPU but the one left to the decode tasks, and no more than the GPUs hold
+        cluster = ray.cluster_resources()
+        workers = int((cluster.get("CPU", 1) - DECODE_RESERVE_CPUS) // res.cpus)
+        if res.gpus:
+            workers = min(workers, int(cluster.get("GPU", 0) // res.gpus))
+    return [(stages, dataclasses.replace(res, actors=max(1, workers)))]
+
+
+def apply_group(ds: "ray.data.Dataset", stages: list[Stage], res: Resources, max_retries: int) -> "ray.data.Dataset":
     common = dict(batch_size=res.batch_size, batch_format="numpy", num_cpus=res.cpus, num_gpus=res.gpus or None)
     if res.uses_model:
         return ds.map_batches(
             StageWorker,
-            fn_constructor_args=(stage,),
-            compute=ray.data.ActorPoolStrategy(size=res.actors),
+            fn_constructor_args=(stages,),
+            # One chunk at a time per worker: a chunk is seconds to minutes of model work, so a queue
+            # per actor would only leave some workers idle at the end while others hold a backlog.
+            compute=ray.data.ActorPoolStrategy(size=res.actors, max_tasks_in_flight_per_actor=1),
             max_restarts=-1,  # the pool always gets its actor back; the bound is per task:
             max_task_retries=max_retries,
             **common,
         )
-    worker = StageWorker(stage)
+    worker = StageWorker(stages)
     return ds.map_batches(lambda batch: worker(batch), max_retries=max_retries, **common)
 
 
@@ -108,14 +143,12 @@ def init_ray(address: str | None, config: PipelineConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     cores = os.cpu_count() or 1
-    gpus = config.run.num_gpus
-    if gpus is None:
-        import torch
-
-        gpus = torch.cuda.device_count()
-    # Logical CPUs above the core count: model actors hold their slot while idle, and the decode
-    # and write tasks must still get scheduled. Threads per worker are set by each stage.
-    ray.init(num_cpus=config.run.num_cpus or 2 * cores, num_gpus=gpus, include_dashboard=False, log_to_driver=True)
+    # Logical CPUs: fused workers take one per core and leave one to the decode tasks. Separate
+    # pools hold their slot while idle, so they get twice the cores for decode and write to run
+    # (automatic only with GPUs, on machines with cores to spare). Threads per worker are set by
+    # each stage from its `cpus`. GPUs: Ray's own detection (no torch import in the driver).
+    num_cpus = config.run.num_cpus or (2 * cores if config.run.fuse_stages is False else cores + int(DECODE_RESERVE_CPUS))
+    ray.init(num_cpus=num_cpus, num_gpus=config.run.num_gpus, include_dashboard=False, log_to_driver=True)
 
 
 def _use_gpus(config: PipelineConfig) -> None:
@@ -147,13 +180,16 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, addr
     max_retries = config.run.max_task_retries
     ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris))
     ds = ds.map_batches(_decode(decode), batch_size=1, num_cpus=decode.resources().cpus, max_retries=max_retries)
-    for stage in stages:
-        ds = apply_stage(ds, stage, max_retries)
+    groups = plan_groups(stages, config)
+    for group, res in groups:
+        ds = apply_group(ds, group, res, max_retries)
     for row in ds.iter_rows():
         progress.update(pickle.loads(row["chunk"]))
     progress.finish()
     record_incomplete(OutputDir(config.write.output), uris, progress, max_retries)
-    return progress.summary()
+    operators = [{"stages": [s.name for s in g], "actors": r.actors if r.uses_model else None, "cpus": r.cpus, "gpus": r.gpus}
+                 for g, r in groups]
+    return {**progress.summary(), "operators": operators}
 
 
 def record_incomplete(out: OutputDir, uris: list[str], progress: Progress, max_retries: int) -> None:

@@ -51,7 +51,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # As `pipeline run` starts it: a CPU per core plus one for decode tasks (fused workers).
+        ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -74,6 +74,19 @@ def test_reference_run_has_several_chunks_per_source(reference):
     assert {c["chunk"] for c in chunks} >= {0, 1}
 
 
+def test_a_pool_per_stage_gives_exactly_the_fused_corpus(reference, clips, tmp_path):
+    """The default on CPU runs every stage after decode in one worker per core; with a pool per
+    stage (the GPU layout) the samples must be the same bytes."""
+    fused = json.loads((reference / "run.json").read_text())["operators"]
+    assert len(fused) == 1 and fused[0]["stages"][0] == "vad" and fused[0]["stages"][-1] == "write"
+    assert fused[0]["actors"] == os.cpu_count()  # a worker per core, one logical CPU left to decode
+    out = tmp_path / "corpus"
+    finish(cli([*map(str, clips), "--output", str(out), *FAST, "--set", "run.fuse_stages=false"]))
+    assert corpus_files(out) == corpus_files(reference)
+    pools = json.loads((out / "run.json").read_text())["operators"]
+    assert [op["stages"] for op in pools] == [[name] for name in fused[0]["stages"]]
+
+
 @pytest.mark.parametrize("kill_after_chunks", [1, 3])
 def test_sigkill_then_resume_gives_exactly_the_uninterrupted_corpus(reference, clips, tmp_path, kill_after_chunks):
     out = tmp_path / "corpus"

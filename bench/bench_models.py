@@ -1,0 +1,95 @@
+"""Model throughput by batch size: Mimi encode (bf16 autocast on GPU) and Whisper through whisperx.
+
+    python bench/bench_models.py                                   # CPU: Mimi fp32, Whisper tiny.en
+    python bench/bench_models.py --device cuda --asr-model large-v3 --batches 1,8,32,128
+
+On a GPU this is the figure that sizes the GPU stages (how many chunks per call, how many actors
+per GPU). Whisper `large-v3` comes from the hub; with no network, pass a local CTranslate2
+directory. Mimi uses the released weights when they are cached (`tokenize.weights` otherwise), or
+with --allow-unreleased the seeded random Mimi (same architecture, so the same speed).
+Inputs are 10 s clips of the embedded conversation; each figure is after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import make_inputs, table
+
+
+def clips(rate: int, count: int, seconds: float = 10.0) -> list[np.ndarray]:
+    """`count` distinct mono clips at `rate` (16 kHz for Whisper, 24 kHz for Mimi), decoded by our decode stage."""
+    from stages.decode import DecodeConfig, DecodeStage
+
+    path = make_inputs(Path(tempfile.gettempdir()) / "csm-bench" / "inputs", 1)[0]
+    chunk = next(DecodeStage(DecodeConfig()).chunks(str(path)))
+    audio = chunk.mono16k if rate == 16000 else chunk.audio24k
+    n = int(seconds * rate)
+    return [np.ascontiguousarray(np.roll(audio, i * rate)[:n], dtype=np.float32) for i in range(count)]
+
+
+def timed(fn, sync) -> float:
+    fn()  # warm-up: kernels, allocator, CTranslate2 caches
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def bench_mimi(device: str, batches: list[int], allow_unreleased: bool, sync) -> list[list]:
+    from stages.tokenize import TokenizeConfig, encode_batch, load_mimi
+
+    model, identity = load_mimi(TokenizeConfig(allow_unreleased=allow_unreleased), device)
+    rows = []
+    for b in batches:
+        batch = clips(24000, b)
+        dt = timed(lambda: encode_batch(model, batch, device), sync)
+        rows.append(["mimi", b, f"{10.0 * b / dt:.0f}", f"{dt:.2f}", "bf16 autocast" if device == "cuda" else "fp32",
+                     "released" if identity["released"] else "random-init"])
+    return rows
+
+
+def bench_whisper(device: str, model_name: str, batches: list[int], sync) -> list[list]:
+    from whisperx.audio import N_SAMPLES, log_mel_spectrogram
+
+    from stages.asr import AsrConfig, AsrStage, generate
+
+    stage = AsrStage(AsrConfig(model=model_name))
+    stage.setup()
+    model = stage.pipe.model
+    n_mels = model.feat_kwargs.get("feature_size") or 80
+    rows = []
+    for b in batches:
+        feats = np.stack([log_mel_spectrogram(c, n_mels=n_mels, padding=N_SAMPLES - len(c)) for c in clips(16000, b)])
+        dt = timed(lambda: generate(model, stage.pipe.tokenizer, stage.pipe.options, feats), sync)
+        rows.append(["whisper " + model_name, b, f"{10.0 * b / dt:.0f}", f"{dt:.2f}", stage.compute_type, ""])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--asr-model", default=None, help="default: the packaged tiny.en")
+    ap.add_argument("--allow-unreleased", action="store_true", help="random-init Mimi if the weights are missing")
+    args = ap.parse_args()
+    import torch
+
+    from stages.asr import DEFAULT_MODEL
+
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = bench_mimi(args.device, batches, args.allow_unreleased, sync)
+    rows += bench_whisper(args.device, args.asr_model or DEFAULT_MODEL, batches, sync)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"## Model throughput, 10 s clips, {where}\n")
+    print(table(rows, ["model", "batch", "x real time", "s per call", "precision", "weights"]))
+
+
+if __name__ == "__main__":
+    main()
