@@ -13,6 +13,7 @@ Inputs are 10 s clips of the embedded conversation; each figure is after one war
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -54,12 +55,12 @@ def bench_mimi(device: str, batches: list[int], allow_unreleased: bool, sync) ->
     return rows
 
 
-def bench_whisper(device: str, model_name: str, batches: list[int], sync) -> list[list]:
+def bench_whisper(device: str, model_name: str, batches: list[int], threads: int, sync) -> list[list]:
     from whisperx.audio import N_SAMPLES, log_mel_spectrogram
 
     from stages.asr import AsrConfig, AsrStage, generate
 
-    stage = AsrStage(AsrConfig(model=model_name))
+    stage = AsrStage(AsrConfig(model=model_name, cpus=threads))
     stage.setup()
     model = stage.pipe.model
     n_mels = model.feat_kwargs.get("feature_size") or 80
@@ -76,16 +77,18 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--asr-model", default=None, help="default: the packaged tiny.en")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--allow-unreleased", action="store_true", help="random-init Mimi if the weights are missing")
     args = ap.parse_args()
     import torch
 
     from stages.asr import DEFAULT_MODEL
 
+    torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     batches = [int(b) for b in args.batches.split(",")]
     rows = bench_mimi(args.device, batches, args.allow_unreleased, sync)
-    rows += bench_whisper(args.device, args.asr_model or DEFAULT_MODEL, batches, sync)
+    rows += bench_whisper(args.device, args.asr_model or DEFAULT_MODEL, batches, args.threads, sync)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"## Model throughput, 10 s clips, {where}\n")
     print(table(rows, ["model", "batch", "x real time", "s per call", "precision", "weights"]))
