@@ -110,7 +110,7 @@ def main():
     # embedding pass; the clustering settings are then redone on pyannote's cached embeddings
     front_ends = [(base.segmentation_step, base.embedding_exclude_overlap, base.segmentation_threshold)]
     if not args.quick:
-        front_ends = [(0.1, False, 0.5), (0.1, True, 0.5), (0.1, False, 0.4), (0.2, True, 0.5)]
+        front_ends = [(0.2, False, 0.5), (0.1, False, 0.5), (0.1, True, 0.5), (0.1, False, 0.4), (0.2, True, 0.5)]
 
     mode, (der, jer, n), el, dur = channel_call()
     print(f"channel attribution (auto -> {mode}) on a two-channel call: DER {der:.3f} JER {jer:.3f} "
