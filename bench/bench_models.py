@@ -49,7 +49,7 @@ def bench_mimi(device: str, batches: list[int], allow_unreleased: bool, sync) ->
     rows = []
     for b in batches:
         batch = clips(24000, b)
-        dt = timed(lambda: encode_batch(model, batch, device), sync)
+        dt = timed(lambda batch=batch: encode_batch(model, batch, device), sync)
         rows.append(["mimi", b, f"{10.0 * b / dt:.0f}", f"{dt:.2f}", "bf16 autocast" if device == "cuda" else "fp32",
                      "released" if identity["released"] else "random-init"])
     return rows
@@ -67,7 +67,7 @@ def bench_whisper(device: str, model_name: str, batches: list[int], threads: int
     rows = []
     for b in batches:
         feats = np.stack([log_mel_spectrogram(c, n_mels=n_mels, padding=N_SAMPLES - len(c)) for c in clips(16000, b)])
-        dt = timed(lambda: generate(model, stage.pipe.tokenizer, stage.pipe.options, feats), sync)
+        dt = timed(lambda feats=feats: generate(model, stage.pipe.tokenizer, stage.pipe.options, feats), sync)
         rows.append(["whisper " + model_name, b, f"{10.0 * b / dt:.0f}", f"{dt:.2f}", stage.compute_type, ""])
     return rows
 
