@@ -41,9 +41,9 @@ class AsrConfig:
     compute_type: str | None = None  # None: int8 on CPU, float16 on GPU
     batch_size: int = 8
     # Whisper input length: the unit plus 1 s, rounded up to a multiple of this (30: always the full
-    # window Whisper was trained on). On pyannote's sample (4 copies) WER is 0.194 with 30 s windows,
-    # 0.188 with 15 s steps, 0.213 with 10 s; on 96 espeak lines 0.222 / 0.196 / 0.191; encoder time
-    # 3.4x (15 s) and 4.7x (10 s) lower. 5 s steps break (WER 0.59).
+    # window Whisper was trained on). bench/bench_asr_windows.py, tiny.en: WER on pyannote's sample
+    # (4 copies) 0.207 with 30 s, 0.204 with 15 s steps, 0.210 with 10 s; on 96 espeak lines 0.226 /
+    # 0.204 / 0.195; ASR CPU 3x (15 s) and 4.3-5.7x (10 s) lower. 5 s steps break (WER 0.59).
     window_step: float = 15.0
     beam_size: int = 5
     align_model: str | None = None  # word timestamps via whisperx alignment ("auto": whisperx's default for the language)
