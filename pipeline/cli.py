@@ -57,7 +57,10 @@ def run(inputs, output, config_files, sets, address, allow_config_change) -> Non
         + (" — embedded default corpus" if embedded else ""),
         err=True,
     )
-    summary = run_pipeline([i.uri for i in todo], [i.size for i in todo], config, address)
+    try:
+        summary = run_pipeline([i.uri for i in todo], [i.size for i in todo], config, address)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
     stages = {s.name: s.describe() for s in build_stages(config)}
     stages.update(summary.pop("models"))
     run = write_run_json(out, config, summary, {"embedded_default": embedded, "inputs_skipped_done": len(found) - len(todo), "models": stages})

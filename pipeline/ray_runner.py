@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import ray
 
-from pipeline.config import PipelineConfig
+from pipeline.config import ConfigError, PipelineConfig
 from pipeline.progress import Progress
 from stages.asr import AsrStage
 from stages.base import Resources, Stage
@@ -98,7 +98,15 @@ def plan_groups(stages: list[Stage], config: PipelineConfig) -> list[tuple[list[
     if fuse is None:
         fuse = ray.cluster_resources().get("GPU", 0) <= 0
     if not fuse:
-        return [([s], group_resources([s])) for s in stages]
+        groups = [([s], group_resources([s])) for s in stages]
+        # Actor pools hold their CPUs for the whole run: with no room left for one task (decode,
+        # write) the run would wait forever, so say so instead.
+        need = sum(r.cpus * r.actors for _, r in groups if r.uses_model) + max(r.cpus for _, r in groups if not r.uses_model)
+        have = ray.cluster_resources().get("CPU", 0)
+        if need > have:
+            raise ConfigError(f"a pool per stage needs {need:g} logical CPUs, the cluster has {have:g}: "
+                              "set run.num_cpus (local Ray) or run.fuse_stages=true")
+        return groups
     res = group_resources(stages)
     workers = config.run.workers
     if workers is None:  # every CPU but the one left to the decode tasks, and no more than the GPUs hold

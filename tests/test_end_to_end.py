@@ -111,3 +111,19 @@ def test_rerun_skips_finished_sources_and_keeps_bytes(embedded_run):
 def test_changed_config_on_existing_output_is_refused(embedded_run):
     result = run_cli(["run", "--output", str(embedded_run), "--set", "vad.threshold=0.7"])
     assert result.exit_code != 0 and "vad.threshold" in result.output
+
+
+def test_operator_plan_fuses_on_cpu_and_refuses_pools_that_cannot_fit(ray_session):
+    import pytest
+
+    from pipeline.config import ConfigError, load_config
+    from pipeline.ray_runner import build_stages, plan_groups
+
+    cpus = ray_session.cluster_resources()["CPU"]
+    config = load_config([], ["asr.cpus=2"])  # fused: the widest stage sets the worker's size
+    ((group, res),) = plan_groups(build_stages(config), config)
+    assert [s.name for s in group][0] == "vad" and group[-1].name == "write"
+    assert res.cpus == 2 and res.actors == max(1, int((cpus - 1) // 2))
+    config = load_config([], ["run.fuse_stages=false", f"tokenize.cpus={cpus + 1}"])
+    with pytest.raises(ConfigError, match="run.fuse_stages"):  # would wait forever for CPUs
+        plan_groups(build_stages(config), config)
