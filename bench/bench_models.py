@@ -7,7 +7,8 @@ On a GPU this is the figure that sizes the GPU stages (how many chunks per call,
 per GPU). Whisper `large-v3` comes from the hub; with no network, pass a local CTranslate2
 directory. Mimi uses the released weights when they are cached (`tokenize.weights` otherwise), or
 with --allow-unreleased the seeded random Mimi (same architecture, so the same speed).
-Inputs are 10 s clips of the embedded conversation; each figure is after one warm-up call.
+Inputs are 10 s clips of the embedded conversation, given to Whisper as the pipeline does
+(`AsrStage.transcribe_audio`: a 15 s window); each figure is after one warm-up call.
 """
 
 from __future__ import annotations
@@ -56,18 +57,15 @@ def bench_mimi(device: str, batches: list[int], allow_unreleased: bool, sync) ->
 
 
 def bench_whisper(device: str, model_name: str, batches: list[int], threads: int, sync) -> list[list]:
-    from whisperx.audio import N_SAMPLES, log_mel_spectrogram
-
-    from stages.asr import AsrConfig, AsrStage, generate
+    from stages.asr import AsrConfig, AsrStage
 
     stage = AsrStage(AsrConfig(model=model_name, cpus=threads))
     stage.setup()
-    model = stage.pipe.model
-    n_mels = model.feat_kwargs.get("feature_size") or 80
     rows = []
     for b in batches:
-        feats = np.stack([log_mel_spectrogram(c, n_mels=n_mels, padding=N_SAMPLES - len(c)) for c in clips(16000, b)])
-        dt = timed(lambda feats=feats: generate(model, stage.pipe.tokenizer, stage.pipe.options, feats), sync)
+        stage.config.batch_size = b
+        batch = clips(16000, b)
+        dt = timed(lambda batch=batch: stage.transcribe_audio(batch), sync)
         rows.append(["whisper " + model_name, b, f"{10.0 * b / dt:.0f}", f"{dt:.2f}", stage.compute_type, ""])
     return rows
 

@@ -94,23 +94,22 @@ def plan_groups(stages: list[Stage], config: PipelineConfig) -> list[tuple[list[
     chain on its own core: a chunk is pickled once instead of at every stage, and every core runs
     models all the time instead of some pools idling while the slowest (Mimi) holds a backlog.
     """
+    cluster = ray.cluster_resources()
     fuse = config.run.fuse_stages
     if fuse is None:
-        fuse = ray.cluster_resources().get("GPU", 0) <= 0
+        fuse = cluster.get("GPU", 0) <= 0
     if not fuse:
         groups = [([s], group_resources([s])) for s in stages]
         # Actor pools hold their CPUs for the whole run: with no room left for one task (decode,
         # write) the run would wait forever, so say so instead.
         need = sum(r.cpus * r.actors for _, r in groups if r.uses_model) + max(r.cpus for _, r in groups if not r.uses_model)
-        have = ray.cluster_resources().get("CPU", 0)
-        if need > have:
-            raise ConfigError(f"a pool per stage needs {need:g} logical CPUs, the cluster has {have:g}: "
+        if need > cluster.get("CPU", 0):
+            raise ConfigError(f"a pool per stage needs {need:g} logical CPUs, the cluster has {cluster.get('CPU', 0):g}: "
                               "set run.num_cpus (local Ray) or run.fuse_stages=true")
         return groups
     res = group_resources(stages)
     workers = config.run.workers
     if workers is None:  # every CPU but the one left to the decode tasks, and no more than the GPUs hold
-        cluster = ray.cluster_resources()
         workers = int((cluster.get("CPU", 1) - DECODE_RESERVE_CPUS) // res.cpus)
         if res.gpus:
             workers = min(workers, int(cluster.get("GPU", 0) // res.gpus))

@@ -43,7 +43,7 @@ class AsrConfig:
     # Whisper input length: the unit plus 1 s, rounded up to a multiple of this (30: always the full
     # window Whisper was trained on). bench/bench_asr_windows.py, tiny.en: WER on pyannote's sample
     # (4 copies) 0.207 with 30 s, 0.204 with 15 s steps, 0.210 with 10 s; on 96 espeak lines 0.226 /
-    # 0.204 / 0.195; ASR CPU 3x (15 s) and 4.3-5.7x (10 s) lower. 5 s steps break (WER 0.59).
+    # 0.204 / 0.195; ASR CPU 2.3-3x (15 s) and 4.3-5.7x (10 s) lower over two runs. 5 s steps break (WER 0.59).
     window_step: float = 15.0
     beam_size: int = 5
     align_model: str | None = None  # word timestamps via whisperx alignment ("auto": whisperx's default for the language)
@@ -112,15 +112,19 @@ class AsrStage(Stage):
         return chunk
 
     def transcribe(self, chunk: Chunk, units: list[tuple[Region, int | None]]) -> list[dict]:
+        return self.transcribe_audio([_slice(chunk, region, channel) for region, channel in units])
+
+    def transcribe_audio(self, audio: list[np.ndarray]) -> list[dict]:
+        """Whisper on each 16 kHz clip (at most 30 s is heard), batched by encoder input length."""
         from whisperx.audio import N_SAMPLES, log_mel_spectrogram
 
         model = self.pipe.model
         n_mels = model.feat_kwargs.get("feature_size") or 80
-        audio = [_slice(chunk, region, channel)[:N_SAMPLES] for region, channel in units]
+        audio = [a[:N_SAMPLES] for a in audio]
         by_length: dict[int, list[int]] = {}  # one input length per CTranslate2 batch
         for i, a in enumerate(audio):
             by_length.setdefault(window_samples(len(a), self.config.window_step), []).append(i)
-        results: list[dict] = [{}] * len(units)
+        results: list[dict] = [{}] * len(audio)
         for length, indices in sorted(by_length.items()):
             for k in range(0, len(indices), self.config.batch_size):
                 batch = indices[k : k + self.config.batch_size]
@@ -180,6 +184,19 @@ def window_samples(samples: int, step: float) -> int:
         return full
     unit = int(step * ANALYSIS_RATE)
     return min(full, -(-(samples + ANALYSIS_RATE) // unit) * unit)
+
+
+def word_errors(reference: str, hypothesis: str) -> int:
+    """Word edit distance (substitutions + insertions + deletions), for WER against a reference."""
+    from stages.filters import words_of
+
+    ref, hyp = words_of(reference), words_of(hypothesis)
+    d = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, d[0] = d[:], i
+        for j, h in enumerate(hyp, 1):
+            d[j] = min(prev[j] + 1, d[j - 1] + 1, prev[j - 1] + (r != h))
+    return d[-1]
 
 
 def _slice(chunk: Chunk, region: Region, channel: int | None) -> np.ndarray:

@@ -68,29 +68,20 @@ def test_asr_transcript_shares_most_words_with_reference(sample_chunk, sample_st
 def test_whisper_windows_shorter_than_30s_transcribe_as_well(sample_chunk, sample_stm):
     """Units get a 15 s encoder window when they fit (unit + 1 s): the words must be as good as with
     Whisper's full 30 s window, and every input length a multiple of the step, at most 30 s."""
-    from stages.asr import AsrConfig, AsrStage, window_samples
+    from stages.asr import AsrConfig, AsrStage, window_samples, word_errors
+    from stages.filters import words_of
     from stages.vad import VadConfig, VadStage
 
     rate = 16000
     assert window_samples(3 * rate, 15.0) == 15 * rate and window_samples(int(14.5 * rate), 15.0) == 30 * rate
     assert all(window_samples(n, 30.0) == 30 * rate for n in (1, rate, 29 * rate))
     (vad_chunk,) = VadStage(VadConfig()).process_batch([sample_chunk])
-    ref = _words(" ".join(t for *_, t in sample_stm))
+    ref = " ".join(t for *_, t in sample_stm)
     errors = {}
     for step in (30.0, 15.0):
         (chunk,) = AsrStage(AsrConfig(window_step=step)).process_batch([vad_chunk])  # sets chunk.segments anew
-        hyp = _words(" ".join(s.text for s in chunk.segments))
-        errors[step] = _edit_distance(ref, hyp) / len(ref)
+        errors[step] = word_errors(ref, " ".join(s.text for s in chunk.segments)) / len(words_of(ref))
     assert errors[15.0] <= errors[30.0] + 0.05, errors
-
-
-def _edit_distance(a: list[str], b: list[str]) -> int:
-    d = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        prev, d[0] = d[:], i
-        for j, y in enumerate(b, 1):
-            d[j] = min(prev[j] + 1, d[j - 1] + 1, prev[j - 1] + (x != y))
-    return d[-1]
 
 
 @pytest.fixture(scope="module")
