@@ -4,6 +4,7 @@ and `--set key=value` only override them, and an unknown key or a wrong type is 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,14 @@ def coerce(path: str, current: Any, value: Any) -> Any:
     return value
 
 
+def _exemplar(obj: Any, key: str) -> Any:
+    """For a field whose default is None (`int | None`, ...): a value of its declared type, so an
+    override is checked like any other (`asr.actors=two` fails here, not deep inside a run)."""
+    hint = typing.get_type_hints(type(obj)).get(key)
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)]
+    return kinds[0]() if len(kinds) == 1 and kinds[0] in (bool, int, float, str) else None
+
+
 def apply_overrides(obj: Any, overrides: dict[str, Any], prefix: str = "") -> None:
     """Set dataclass fields from a nested mapping, refusing unknown keys."""
     names = {f.name for f in dataclasses.fields(obj)}
@@ -54,7 +63,7 @@ def apply_overrides(obj: Any, overrides: dict[str, Any], prefix: str = "") -> No
                 raise ConfigError(f"{path}: is a section, give a mapping")
             apply_overrides(current, value, f"{path}.")
         else:
-            setattr(obj, key, coerce(path, current, value))
+            setattr(obj, key, coerce(path, current if current is not None else _exemplar(obj, key), value))
 
 
 def parse_sets(items: list[str] | tuple[str, ...]) -> dict[str, Any]:

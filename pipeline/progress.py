@@ -34,6 +34,7 @@ class Progress:
         self.stage_cpu: Counter[str] = Counter()
         self.models: dict[str, Any] = {}
         self.nodes: set[str] = set()
+        self.stage_actors: defaultdict[str, set[str]] = defaultdict(set)  # the actors that ran each stage
 
     def update(self, chunk: Chunk) -> None:
         w = chunk.written
@@ -47,7 +48,10 @@ class Progress:
             self.errors[e] += 1
         self.stage_seconds.update(chunk.timings)
         self.stage_cpu.update(chunk.cpu_times)
-        self.nodes.update(chunk.custom.get("nodes", {}).values())
+        for stage, where in chunk.custom.get("placement", {}).items():
+            self.nodes.add(where["node"])
+            if where["actor"]:
+                self.stage_actors[stage].add(where["actor"])
         for name in ("codec", "diarizer"):
             if w.get(name) and name not in self.models:
                 self.models[name] = w[name]
@@ -93,4 +97,5 @@ class Progress:
             "stage_cpu_seconds": dict(self.stage_cpu),
             "models": self.models,
             "nodes_used": len(self.nodes),
+            "actors_used": {stage: len(ids) for stage, ids in sorted(self.stage_actors.items())},
         }

@@ -7,13 +7,12 @@ so Ray never guesses an Arrow type for them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import pickle
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -72,65 +71,103 @@ class StageWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
         chunks = _loads(batch)
-        node = ray.get_runtime_context().get_node_id()
+        context = ray.get_runtime_context()
+        where = {"node": context.get_node_id(), "actor": context.get_actor_id()}  # actor: None in a task
         for stage in self.stages:
             chunks = stage.process_batch(chunks)
             for chunk in chunks:
-                chunk.custom.setdefault("nodes", {})[stage.name] = node
+                chunk.custom.setdefault("placement", {})[stage.name] = where
         return _dumps(chunks)
+
+
+@dataclass(frozen=True)
+class Operator:
+    """One Ray Data operator: `stages` run one after another by each worker; an actor pool of
+    `min_actors`..`max_actors` when they hold models (autoscaled when the two differ), else tasks."""
+
+    stages: list[Stage]
+    res: Resources
+    min_actors: int = 1
+    max_actors: int = 1
+
+    def describe(self) -> dict[str, Any]:
+        pool = self.res.uses_model
+        return {"stages": [s.name for s in self.stages], "actors": self.min_actors if pool else None,
+                "max_actors": self.max_actors if pool else None, "cpus": self.res.cpus, "gpus": self.res.gpus}
 
 
 def group_resources(stages: list[Stage]) -> Resources:
     """What a worker running `stages` one after another needs: the most any of them needs."""
     rs = [s.resources() for s in stages]
-    return Resources(cpus=max(r.cpus for r in rs), gpus=max(r.gpus for r in rs), actors=max(r.actors for r in rs),
+    return Resources(cpus=max(r.cpus for r in rs), gpus=max(r.gpus for r in rs), actors=None,
                      batch_size=max(r.batch_size for r in rs), uses_model=any(r.uses_model for r in rs))
 
 
-def plan_groups(stages: list[Stage], config: PipelineConfig) -> list[tuple[list[Stage], Resources]]:
-    """One operator per stage, or (fused) a single actor pool running every stage after decode.
+def fitting_actors(res: Resources, cluster: dict[str, float]) -> int:
+    """Workers of this size the cluster holds, one logical CPU left to the decode tasks."""
+    n = int((cluster.get("CPU", 0) - DECODE_RESERVE_CPUS) // res.cpus) if res.cpus else 1 << 30
+    if res.gpus:
+        n = min(n, int(cluster.get("GPU", 0) // res.gpus))
+    return max(1, n)
 
-    Fusing is the default when the cluster has no GPU. Each worker takes a chunk through the whole
-    chain on its own core: a chunk is pickled once instead of at every stage, and every core runs
-    models all the time instead of some pools idling while the slowest (Mimi) holds a backlog.
+
+def plan_operators(stages: list[Stage], config: PipelineConfig, cluster: dict[str, float]) -> list[Operator]:
+    """The operators for `stages` on a cluster with `cluster` resources (ray.cluster_resources()).
+
+    Fused (the default when the cluster has no GPU): a single actor pool runs every stage, each
+    worker a chunk through the whole chain on its own core. A chunk is pickled once instead of at
+    every stage, and every core runs models all the time instead of some pools idling while the
+    slowest (Mimi) holds a backlog.
+    Unfused (GPUs, or run.fuse_stages=false): a pool per model stage, of the stage's `actors`, or
+    when that is None growing from one actor to as many as fit wherever that stage's backlog builds,
+    so one node or eight GPUs take the same config.
     """
-    cluster = ray.cluster_resources()
+    wants_gpu = [f"{s.name}.gpus" for s in stages if s.resources().gpus]
+    if wants_gpu and cluster.get("GPU", 0) <= 0:  # the actors would wait for a GPU forever
+        raise ConfigError(f"{', '.join(wants_gpu)} asks for GPUs and the cluster has none")
     fuse = config.run.fuse_stages
     if fuse is None:
         fuse = cluster.get("GPU", 0) <= 0
-    if not fuse:
-        groups = [([s], group_resources([s])) for s in stages]
-        # Actor pools hold their CPUs for the whole run: with no room left for one task (decode,
-        # write) the run would wait forever, so say so instead.
-        need = sum(r.cpus * r.actors for _, r in groups if r.uses_model) + max(r.cpus for _, r in groups if not r.uses_model)
-        if need > cluster.get("CPU", 0):
-            raise ConfigError(f"a pool per stage needs {need:g} logical CPUs, the cluster has {cluster.get('CPU', 0):g}: "
-                              "set run.num_cpus (local Ray) or run.fuse_stages=true")
-        return groups
-    res = group_resources(stages)
-    workers = config.run.workers
-    if workers is None:  # every CPU but the one left to the decode tasks, and no more than the GPUs hold
-        workers = int((cluster.get("CPU", 1) - DECODE_RESERVE_CPUS) // res.cpus)
-        if res.gpus:
-            workers = min(workers, int(cluster.get("GPU", 0) // res.gpus))
-    return [(stages, dataclasses.replace(res, actors=max(1, workers)))]
+    if fuse:
+        res = group_resources(stages)
+        workers = config.run.workers or fitting_actors(res, cluster)
+        return [Operator(stages, res, workers, workers)]
+    ops = []
+    for s in stages:
+        res = s.resources()
+        low = res.actors or 1
+        ops.append(Operator([s], res, low, res.actors or max(low, fitting_actors(res, cluster))))
+    # Actor pools hold their CPUs for the whole run: with no room left for one task (decode,
+    # write) the run would wait forever, so say so instead.
+    need = sum(o.res.cpus * o.min_actors for o in ops if o.res.uses_model) + max(o.res.cpus for o in ops if not o.res.uses_model)
+    if need > cluster.get("CPU", 0):
+        raise ConfigError(f"a pool per stage needs {need:g} logical CPUs, the cluster has {cluster.get('CPU', 0):g}: "
+                          "set run.num_cpus (local Ray) or run.fuse_stages=true")
+    return ops
 
 
-def apply_group(ds: "ray.data.Dataset", stages: list[Stage], res: Resources, max_retries: int) -> "ray.data.Dataset":
+def apply_operator(ds: "ray.data.Dataset", op: Operator, max_retries: int) -> "ray.data.Dataset":
+    res = op.res
     common = dict(batch_size=res.batch_size, batch_format="numpy", num_cpus=res.cpus, num_gpus=res.gpus or None)
-    if res.uses_model:
-        return ds.map_batches(
-            StageWorker,
-            fn_constructor_args=(stages,),
-            # One chunk at a time per worker: a chunk is seconds to minutes of model work, so a queue
-            # per actor would only leave some workers idle at the end while others hold a backlog.
-            compute=ray.data.ActorPoolStrategy(size=res.actors, max_tasks_in_flight_per_actor=1),
-            max_restarts=-1,  # the pool always gets its actor back; the bound is per task:
-            max_task_retries=max_retries,
-            **common,
-        )
-    worker = StageWorker(stages)
-    return ds.map_batches(lambda batch: worker(batch), max_retries=max_retries, **common)
+    if not res.uses_model:
+        worker = StageWorker(op.stages)
+        return ds.map_batches(lambda batch: worker(batch), max_retries=max_retries, **common)
+    if op.min_actors == op.max_actors:
+        # One chunk at a time per worker: a chunk is seconds to minutes of model work, so a queue
+        # per actor would only leave some workers idle at the end while others hold a backlog.
+        pool = ray.data.ActorPoolStrategy(size=op.min_actors, max_tasks_in_flight_per_actor=1)
+    else:
+        # Ray Data adds an actor when tasks in flight per actor reach 1.75 (its default
+        # actor_pool_util_upscaling_threshold): only with two allowed does a queued chunk count.
+        pool = ray.data.ActorPoolStrategy(min_size=op.min_actors, max_size=op.max_actors, max_tasks_in_flight_per_actor=2)
+    return ds.map_batches(
+        StageWorker,
+        fn_constructor_args=(op.stages,),
+        compute=pool,
+        max_restarts=-1,  # the pool always gets its actor back; the bound is per task:
+        max_task_retries=max_retries,
+        **common,
+    )
 
 
 def _decode(stage: DecodeStage):
@@ -187,16 +224,14 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, addr
     max_retries = config.run.max_task_retries
     ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris))
     ds = ds.map_batches(_decode(decode), batch_size=1, num_cpus=decode.resources().cpus, max_retries=max_retries)
-    groups = plan_groups(stages, config)
-    for group, res in groups:
-        ds = apply_group(ds, group, res, max_retries)
+    operators = plan_operators(stages, config, ray.cluster_resources())
+    for op in operators:
+        ds = apply_operator(ds, op, max_retries)
     for row in ds.iter_rows():
         progress.update(pickle.loads(row["chunk"]))
     progress.finish()
     record_incomplete(OutputDir(config.write.output), uris, progress, max_retries)
-    operators = [{"stages": [s.name for s in g], "actors": r.actors if r.uses_model else None, "cpus": r.cpus, "gpus": r.gpus}
-                 for g, r in groups]
-    return {**progress.summary(), "operators": operators}
+    return {**progress.summary(), "operators": [op.describe() for op in operators]}
 
 
 def record_incomplete(out: OutputDir, uris: list[str], progress: Progress, max_retries: int) -> None:

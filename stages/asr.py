@@ -49,7 +49,7 @@ class AsrConfig:
     align_model: str | None = None  # word timestamps via whisperx alignment ("auto": whisperx's default for the language)
     cpus: float = 1.0
     gpus: float = 0.0
-    actors: int = 1
+    actors: int | None = None  # pool size when unfused; None: grows with the backlog, up to what fits
     asr_options: dict = field(default_factory=dict)  # passed to whisperx.load_model
 
 

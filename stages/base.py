@@ -23,7 +23,7 @@ class Resources:
 
     cpus: float = 1.0
     gpus: float = 0.0
-    actors: int = 1  # pool size; model stages load their model once per actor
+    actors: int | None = 1  # pool size (model stages load their model once per actor); None: autoscaled
     batch_size: int = 1  # chunks per call
     uses_model: bool = False  # actor pool (True) or stateless tasks (False)
 

@@ -70,6 +70,7 @@ class DiarizeConfig:
     device: str | None = None  # None: cuda when available
     cpus: float = 1.0
     gpus: float = 0.0
+    actors: int | None = None  # pool size when unfused; None: grows with the backlog, up to what fits
 
 
 # --- pure helpers -----------------------------------------------------------------------------
@@ -384,7 +385,7 @@ class DiarizeStage(Stage):
         self.device = "cpu"
 
     def resources(self) -> Resources:
-        return Resources(cpus=self.config.cpus, gpus=self.config.gpus, uses_model=True)
+        return Resources(cpus=self.config.cpus, gpus=self.config.gpus, actors=self.config.actors, uses_model=True)
 
     def setup(self) -> None:
         import torch

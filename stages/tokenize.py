@@ -33,7 +33,7 @@ class TokenizeConfig:
     batch_seconds: float = 120.0  # audio per encoder call (padded batch)
     cpus: float = 1.0
     gpus: float = 0.0
-    actors: int = 1
+    actors: int | None = None  # pool size when unfused; None: grows with the backlog, up to what fits
 
 
 def load_mimi(config: TokenizeConfig, device: str):

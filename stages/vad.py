@@ -19,7 +19,7 @@ class VadConfig:
     speech_pad_ms: int = 30
     max_speech_seconds: float = 20.0  # longer speech is split at its longest internal silence
     cpus: float = 0.5
-    actors: int = 1
+    actors: int | None = None  # pool size when unfused; None: grows with the backlog, up to what fits
 
 
 def speech_regions(model, audio: np.ndarray, config: VadConfig, offset: float = 0.0) -> list[Region]:

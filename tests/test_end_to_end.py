@@ -113,17 +113,67 @@ def test_changed_config_on_existing_output_is_refused(embedded_run):
     assert result.exit_code != 0 and "vad.threshold" in result.output
 
 
-def test_operator_plan_fuses_on_cpu_and_refuses_pools_that_cannot_fit(ray_session):
+def plan(cluster: dict[str, float], *sets: str) -> dict[str, "Operator"]:  # noqa: F821
+    from pipeline.config import load_config
+    from pipeline.ray_runner import build_stages, plan_operators
+
+    config = load_config([], list(sets))
+    return {"+".join(s.name for s in op.stages): op for op in plan_operators(build_stages(config), config, cluster)}
+
+
+def test_operator_plan_fuses_on_cpu_and_sizes_pools_to_the_cluster():
     import pytest
 
-    from pipeline.config import ConfigError, load_config
-    from pipeline.ray_runner import build_stages, plan_groups
+    from pipeline.config import ConfigError
 
-    cpus = ray_session.cluster_resources()["CPU"]
-    config = load_config([], ["asr.cpus=2"])  # fused: the widest stage sets the worker's size
-    ((group, res),) = plan_groups(build_stages(config), config)
-    assert [s.name for s in group][0] == "vad" and group[-1].name == "write"
-    assert res.cpus == 2 and res.actors == max(1, int((cpus - 1) // 2))
-    config = load_config([], ["run.fuse_stages=false", f"tokenize.cpus={cpus + 1}"])
-    with pytest.raises(ConfigError, match="run.fuse_stages"):  # would wait forever for CPUs
-        plan_groups(build_stages(config), config)
+    # No GPU: one pool runs every stage after decode, a worker per CPU less the one left to decode,
+    # each as wide as the widest stage.
+    ((name, fused),) = plan({"CPU": 3.0}, "asr.cpus=2").items()
+    assert name.startswith("vad+diarize+asr") and name.endswith("tokenize+write")
+    assert fused.res.cpus == 2 and fused.min_actors == fused.max_actors == 1
+    ((_, fused),) = plan({"CPU": 17.0}).items()
+    assert fused.min_actors == fused.max_actors == 16
+    ((_, fused),) = plan({"CPU": 96.0, "GPU": 2.0}, "run.fuse_stages=true", "asr.gpus=0.5").items()
+    assert fused.max_actors == 4  # fused on GPUs: as many workers as the GPUs hold
+
+    # GPUs: a pool per model stage, from one actor up to as many as the cluster holds for it.
+    ops = plan({"CPU": 96.0, "GPU": 8.0}, "asr.gpus=0.25", "tokenize.gpus=0.5", "diarize.actors=3")
+    assert (ops["asr"].min_actors, ops["asr"].max_actors) == (1, 32)
+    assert (ops["tokenize"].min_actors, ops["tokenize"].max_actors) == (1, 16)
+    assert (ops["vad"].min_actors, ops["vad"].max_actors) == (1, 190)  # CPU only: (96 - 1) / 0.5
+    assert (ops["diarize"].min_actors, ops["diarize"].max_actors) == (3, 3)  # a size given is kept
+    assert ops["write"].describe()["actors"] is None  # no model: plain tasks
+
+    with pytest.raises(ConfigError, match="run.fuse_stages"):  # pools that cannot all start would wait forever
+        plan({"CPU": 3.0}, "run.fuse_stages=false", "tokenize.cpus=4")
+    with pytest.raises(ConfigError, match="asr.gpus"):  # as would a GPU stage on a cluster without one
+        plan({"CPU": 8.0}, "run.fuse_stages=false", "asr.gpus=0.5")
+
+
+def test_a_backlogged_pool_grows_and_every_chunk_comes_back_once(ray_session):
+    """The autoscaled pools on a real Ray: a slow stage with a queue gets more actors (up to its
+    bound), and no chunk is lost or repeated on the way."""
+    import time
+
+    from pipeline.ray_runner import Operator, _dumps, _loads, apply_operator
+    from stages.base import Resources, Stage
+    from stages.records import Chunk, Recording
+
+    class Slow(Stage):
+        name = "slow"
+
+        def resources(self) -> Resources:
+            return Resources(cpus=0.5, actors=None, uses_model=True)
+
+        def process(self, chunk: Chunk) -> Chunk:
+            time.sleep(1.0)
+            return chunk
+
+    rec = Recording("src", "file:///src.wav", 12.0, 16000, 1)
+    chunks = [Chunk(rec, i, float(i), i == 11, audio16k=np.zeros((1, 160), np.float32)) for i in range(12)]
+    ds = ray_session.data.from_items([{"chunk": b} for b in _dumps(chunks)["chunk"]], override_num_blocks=12)
+    ds = apply_operator(ds, Operator([Slow(None)], Slow(None).resources(), 1, 3), max_retries=0)
+    out = _loads({"chunk": [row["chunk"] for row in ds.iter_rows()]})
+    assert sorted(c.index for c in out) == list(range(12))
+    actors = {c.custom["placement"]["slow"]["actor"] for c in out}
+    assert 2 <= len(actors) <= 3

@@ -80,6 +80,9 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config([], ["nope.x=1"])
     with pytest.raises(ConfigError, match="expected int"):
         load_config([], ["asr.batch_size=many"])
+    with pytest.raises(ConfigError, match="asr.actors: expected int"):  # a None default still has a type
+        load_config([], ["asr.actors=two"])
+    assert load_config([], ["asr.actors=3"]).asr.actors == 3 and load_config([], ["run.workers=null"]).run.workers is None
     assert parse_sets(["a.b.c=null", "a.d=2"]) == {"a": {"b": {"c": None}, "d": 2}}
 
 
