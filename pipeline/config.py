@@ -25,7 +25,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 @dataclass
 class RunConfig:
-    num_cpus: int | None = None  # local Ray only; None: cores + 1, or 2 x cores with fuse_stages=false
+    num_cpus: int | None = None  # local Ray only; None: cores + 1, or 2 x cores for a pool per stage (fuse_stages=false, num_gpus)
     # One actor pool running every stage after decode (None: when the cluster has no GPU), with
     # `workers` actors (None: the cluster's CPUs less one for decoding, over the stages' largest `cpus`).
     fuse_stages: bool | None = None

@@ -188,10 +188,11 @@ def init_ray(address: str | None, config: PipelineConfig) -> None:
         return
     cores = os.cpu_count() or 1
     # Logical CPUs: fused workers take one per core and leave one to the decode tasks. Separate
-    # pools hold their slot while idle, so they get twice the cores for decode and write to run
-    # (automatic only with GPUs, on machines with cores to spare). Threads per worker are set by
-    # each stage from its `cpus`. GPUs: Ray's own detection (no torch import in the driver).
-    num_cpus = config.run.num_cpus or (2 * cores if config.run.fuse_stages is False else cores + int(DECODE_RESERVE_CPUS))
+    # pools (asked for, or implied by run.num_gpus) hold their slot while idle, so they get twice the
+    # cores for decode and write to run; GPUs Ray detects itself may need run.num_cpus on a small box
+    # (plan_operators says so). Threads per worker are set by each stage from its `cpus`.
+    pools = config.run.fuse_stages is False or (config.run.fuse_stages is None and (config.run.num_gpus or 0) > 0)
+    num_cpus = config.run.num_cpus or (2 * cores if pools else cores + int(DECODE_RESERVE_CPUS))
     ray.init(num_cpus=num_cpus, num_gpus=config.run.num_gpus, include_dashboard=False, log_to_driver=True)
 
 

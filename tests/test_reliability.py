@@ -75,16 +75,22 @@ def test_reference_run_has_several_chunks_per_source(reference):
 
 
 def test_a_pool_per_stage_gives_exactly_the_fused_corpus(reference, clips, tmp_path):
-    """The default on CPU runs every stage after decode in one worker per core; with a pool per
-    stage (the GPU layout) the samples must be the same bytes."""
+    """The default on CPU runs every stage after decode in one worker per core; on a cluster with
+    a GPU, a pool per stage with the models on the GPU. Here the GPU is one Ray only believes in
+    (`run.num_gpus=1`): the plan, placement and hand-offs are real, the models still run on CPU,
+    so the samples must be the same bytes."""
     fused = json.loads((reference / "run.json").read_text())["operators"]
     assert len(fused) == 1 and fused[0]["stages"][0] == "vad" and fused[0]["stages"][-1] == "write"
     assert fused[0]["actors"] == os.cpu_count()  # a worker per core, one logical CPU left to decode
     out = tmp_path / "corpus"
-    finish(cli([*map(str, clips), "--output", str(out), *FAST, "--set", "run.fuse_stages=false"]))
+    finish(cli([*map(str, clips), "--output", str(out), *FAST, "--set", "run.num_gpus=1"]))
     assert corpus_files(out) == corpus_files(reference)
-    pools = json.loads((out / "run.json").read_text())["operators"]
-    assert [op["stages"] for op in pools] == [[name] for name in fused[0]["stages"]]
+    run = json.loads((out / "run.json").read_text())
+    pools = {op["stages"][0]: op for op in run["operators"]}
+    assert [op["stages"] for op in run["operators"]] == [[name] for name in fused[0]["stages"]]
+    assert {name for name, op in pools.items() if op["gpus"]} == {"diarize", "asr", "tokenize"}
+    assert set(run["actors_used"]) == {"vad", "diarize", "asr", "tokenize"}
+    assert all(1 <= n <= pools[name]["max_actors"] for name, n in run["actors_used"].items())
 
 
 @pytest.mark.parametrize("kill_after_chunks", [1, 3])
