@@ -44,10 +44,18 @@ def completed_sources(out: OutputDir) -> set[str]:
     return {uri for uri, idx in last.items() if seen[uri] == set(range(idx + 1))}
 
 
+# Settings that decide how many workers and how much they hold, never what they write (the Mimi
+# codes do not depend on its batching, tests/test_models.py): a corpus may be resumed with others.
+SCHEDULING_KEYS = ("actors", "memory_gb", "batch_seconds")
+
+
 def _producing_config(config: PipelineConfig) -> dict[str, Any]:
     d = to_dict(config)
     d.pop("run")
     d["write"].pop("output")
+    for section in d.values():
+        for key in SCHEDULING_KEYS:
+            section.pop(key, None)
     return d
 
 

@@ -21,7 +21,7 @@ import ray
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.progress import Progress
 from stages.asr import AsrStage
-from stages.base import Resources, Stage
+from stages.base import WORKER_BASE_GB, Resources, Stage
 from stages.decode import DecodeStage
 from stages.diarize import DiarizeStage
 from stages.filters import FilterStage
@@ -100,14 +100,22 @@ def group_resources(stages: list[Stage]) -> Resources:
     """What a worker running `stages` one after another needs: the most any of them needs."""
     rs = [s.resources() for s in stages]
     return Resources(cpus=max(r.cpus for r in rs), gpus=max(r.gpus for r in rs), actors=None,
-                     batch_size=max(r.batch_size for r in rs), uses_model=any(r.uses_model for r in rs))
+                     batch_size=max(r.batch_size for r in rs), memory_gb=sum(r.memory_gb for r in rs),  # every model at once
+                     uses_model=any(r.uses_model for r in rs))
+
+
+def worker_memory(res: Resources) -> int:
+    """Bytes of host memory one model worker declares to Ray, which places no more on a node than it holds."""
+    return int((WORKER_BASE_GB + res.memory_gb) * 2**30)
 
 
 def fitting_actors(res: Resources, cluster: dict[str, float]) -> int:
-    """Workers of this size the cluster holds, one logical CPU left to the decode tasks."""
+    """Workers of this size the cluster holds (CPUs, GPUs, memory), one logical CPU left to the decode tasks."""
     n = int((cluster.get("CPU", 0) - DECODE_RESERVE_CPUS) // res.cpus) if res.cpus else 1 << 30
     if res.gpus:
         n = min(n, int(cluster.get("GPU", 0) // res.gpus))
+    if "memory" in cluster:
+        n = min(n, int(cluster["memory"] // worker_memory(res)))
     return max(1, n)
 
 
@@ -164,6 +172,7 @@ def apply_operator(ds: "ray.data.Dataset", op: Operator, max_retries: int) -> "r
         StageWorker,
         fn_constructor_args=(op.stages,),
         compute=pool,
+        memory=worker_memory(res),
         max_restarts=-1,  # the pool always gets its actor back; the bound is per task:
         max_task_retries=max_retries,
         **common,

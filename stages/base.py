@@ -17,6 +17,11 @@ from typing import Any, ClassVar, Iterable, Iterator
 from stages.records import Chunk
 
 
+# What every model worker holds before any stage's share: Python, torch and its libraries, one
+# decoded 600 s chunk at both rates (0.8 GB measured here).
+WORKER_BASE_GB = 1.0
+
+
 @dataclass(frozen=True)
 class Resources:
     """What one worker of a stage needs; the Ray adapter turns this into actor-pool options."""
@@ -25,6 +30,7 @@ class Resources:
     gpus: float = 0.0
     actors: int | None = 1  # pool size (model stages load their model once per actor); None: autoscaled
     batch_size: int = 1  # chunks per call
+    memory_gb: float = 0.0  # host memory the stage's models and buffers add to a worker (see WORKER_BASE_GB)
     uses_model: bool = False  # actor pool (True) or stateless tasks (False)
 
 

@@ -71,6 +71,7 @@ class DiarizeConfig:
     cpus: float = 1.0
     gpus: float = 0.0
     actors: int | None = None  # pool size when unfused; None: grows with the backlog, up to what fits
+    memory_gb: float = 0.6  # pyannote + resemblyzer loaded, a chunk's embeddings: 0.6 GB measured
 
 
 # --- pure helpers -----------------------------------------------------------------------------
@@ -385,7 +386,8 @@ class DiarizeStage(Stage):
         self.device = "cpu"
 
     def resources(self) -> Resources:
-        return Resources(cpus=self.config.cpus, gpus=self.config.gpus, actors=self.config.actors, uses_model=True)
+        c = self.config
+        return Resources(cpus=c.cpus, gpus=c.gpus, actors=c.actors, memory_gb=c.memory_gb, uses_model=True)
 
     def setup(self) -> None:
         import torch

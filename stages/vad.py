@@ -20,6 +20,7 @@ class VadConfig:
     max_speech_seconds: float = 20.0  # longer speech is split at its longest internal silence
     cpus: float = 0.5
     actors: int | None = None  # pool size when unfused; None: grows with the backlog, up to what fits
+    memory_gb: float = 0.1  # silero: a few MB of weights and state
 
 
 def speech_regions(model, audio: np.ndarray, config: VadConfig, offset: float = 0.0) -> list[Region]:
@@ -44,7 +45,8 @@ class VadStage(Stage):
     name = "vad"
 
     def resources(self) -> Resources:
-        return Resources(cpus=self.config.cpus, actors=self.config.actors, uses_model=True)
+        c = self.config
+        return Resources(cpus=c.cpus, actors=c.actors, memory_gb=c.memory_gb, uses_model=True)
 
     def setup(self) -> None:
         import torch

@@ -111,6 +111,10 @@ def test_rerun_skips_finished_sources_and_keeps_bytes(embedded_run):
 def test_changed_config_on_existing_output_is_refused(embedded_run):
     result = run_cli(["run", "--output", str(embedded_run), "--set", "vad.threshold=0.7"])
     assert result.exit_code != 0 and "vad.threshold" in result.output
+    # Pool sizes, memory declarations and Mimi's batching change nothing written: a resume may use others.
+    result = run_cli(["run", "--output", str(embedded_run), "--set", "asr.actors=2", "--set", "tokenize.memory_gb=3",
+                      "--set", "tokenize.batch_seconds=60"])
+    assert result.exit_code == 0 and "(1 already done)" in result.output, result.output
 
 
 def plan(cluster: dict[str, float], *sets: str) -> dict[str, "Operator"]:  # noqa: F821
@@ -125,6 +129,8 @@ def test_operator_plan_fuses_on_cpu_and_sizes_pools_to_the_cluster():
     import pytest
 
     from pipeline.config import ConfigError
+    from pipeline.ray_runner import worker_memory
+    from stages.base import WORKER_BASE_GB
 
     # No GPU: one pool runs every stage after decode, a worker per CPU less the one left to decode,
     # each as wide as the widest stage.
@@ -133,6 +139,10 @@ def test_operator_plan_fuses_on_cpu_and_sizes_pools_to_the_cluster():
     assert fused.res.cpus == 2 and fused.min_actors == fused.max_actors == 1
     ((_, fused),) = plan({"CPU": 17.0}).items()
     assert fused.min_actors == fused.max_actors == 16
+    # A fused worker holds every model at once; memory caps the workers a big CPU node gets.
+    ((_, fused),) = plan({"CPU": 65.0, "memory": 40 * 2**30}, "tokenize.memory_gb=2.5").items()
+    assert worker_memory(fused.res) == int((WORKER_BASE_GB + 0.1 + 0.6 + 0.5 + 2.5) * 2**30)
+    assert fused.max_actors == int(40 // (WORKER_BASE_GB + 3.7))
     ((_, fused),) = plan({"CPU": 96.0, "GPU": 2.0}, "run.fuse_stages=true", "asr.gpus=0.5").items()
     assert fused.max_actors == 4  # fused on GPUs: as many workers as the GPUs hold
 
