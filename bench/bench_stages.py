@@ -1,6 +1,6 @@
 """Real-time factor of each stage alone (one process, all cores), so the bottleneck is visible.
 
-    python bench/bench_stages.py [--inputs 4] [--threads N]
+    python bench/bench_stages.py [--inputs 4] [--threads N] [--set key=value ...]
 
 Each stage runs over the chunks the previous stages produced; only the stage itself is timed,
 model loading reported apart.
@@ -21,14 +21,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--inputs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--set", action="append", default=[], help="config override, as for `pipeline run`")
     args = ap.parse_args()
+    # A Ray worker gets OMP_NUM_THREADS = its CPUs, which also caps numpy's BLAS (diarization's
+    # clustering): the same cap here, or a 1-thread stage would use more than one core.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)
 
     from pipeline.config import load_config
     from pipeline.ray_runner import build_stages
     from stages.base import process_cpu_seconds
     from stages.decode import DecodeStage
 
-    config = load_config([], [f"{s}.cpus={args.threads}" for s in ("vad", "diarize", "asr", "tokenize")] + ["tokenize.allow_unreleased=true"])
+    config = load_config([], [f"{s}.cpus={args.threads}" for s in ("vad", "diarize", "asr", "tokenize")] + ["tokenize.allow_unreleased=true", *args.set])
     work = Path(tempfile.mkdtemp(prefix="csm-stages-"))
     config.write.output = str(work / "out")
     inputs = make_inputs(Path(tempfile.gettempdir()) / "csm-bench" / "inputs", args.inputs)
