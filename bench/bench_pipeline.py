@@ -29,14 +29,34 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def worker_rss_gb() -> float:
+    """The largest resident set among Ray's model workers right now (they are not our children)."""
+    peak = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        if "\nName:\tray::MapWorker" in "\n" + text:
+            peak = max(peak, int(text.split("VmRSS:")[1].split()[0]) if "VmRSS:" in text else 0)
+    return peak / 2**20
+
+
 def run_pipeline(inputs: list[Path], out: Path) -> dict:
     busy, t0 = machine_busy_seconds(), time.time()
     cmd = [sys.executable, "-m", "pipeline.cli", "run", *map(str, inputs), "--output", str(out),
            "--set", "tokenize.allow_unreleased=true", "--allow-config-change"]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    log = out.parent / f"{out.name}.log"  # a file, not a pipe: nobody reads a pipe while it runs
+    with open(log, "wb") as sink:
+        proc, rss = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT), 0.0
+        while proc.poll() is None:  # sampled each second: the peak of a worker's memory, near enough
+            rss = max(rss, worker_rss_gb())
+            time.sleep(1.0)
+    if proc.returncode:
+        raise RuntimeError(log.read_text()[-3000:])
     wall, busy = time.time() - t0, machine_busy_seconds() - busy
     run = json.loads((out / "run.json").read_text())
-    return {"wall": wall, "busy": busy, "run": run}
+    return {"wall": wall, "busy": busy, "run": run, "rss": rss}
 
 
 def run_baseline(inputs: list[Path], out: Path) -> dict:
@@ -71,9 +91,11 @@ def main() -> None:
         model_cpu = sum(r["stage_cpu_seconds"].get(s, 0.0) for s in MODEL_STAGES)
         rows.append([n, f"{audio:.0f}", f"{res['wall']:.1f}", f"{r['wall_seconds']:.1f}", f"{audio / res['wall']:.2f}",
                      f"{audio / res['wall']:.0f}", f"{res['busy'] / (cores * res['wall']):.2f}",
-                     f"{model_cpu / (cores * res['wall']):.2f}", f"{1 - model_cpu / max(res['busy'], 1e-9):.2f}"])
+                     f"{model_cpu / (cores * res['wall']):.2f}", f"{1 - model_cpu / max(res['busy'], 1e-9):.2f}",
+                     f"{res['rss']:.2f}"])
     print("\n## End to end (audio hours per wall hour = x real time)\n")
-    print(table(rows, ["inputs", "audio s", "wall s", "pipeline s", "x real time", "h/h", "machine busy", "model CPU eff.", "CPU outside models"]))
+    print(table(rows, ["inputs", "audio s", "wall s", "pipeline s", "x real time", "h/h", "machine busy", "model CPU eff.", "CPU outside models",
+                       "worker RSS GB"]))
     first, last = sizes[0], sizes[-1]
     print(f"\nscaling: {last / first:.0f}x input -> {results[last]['wall'] / results[first]['wall']:.2f}x wall time")
 
