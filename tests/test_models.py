@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stages.decode import DecodeConfig, decode_chunks
-from stages.tokenize import CodecUnavailable, TokenizeConfig, encode_batch, load_mimi
+from stages.tokenize import CodecUnavailable, TokenizeConfig, encode_batch, load_mimi, use_whole_clip_encoder
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,15 @@ def test_mimi_codes_shape_and_content(mimi, sample_chunk):
     # End padding in a batch does not change an utterance's own frames (causal encoder).
     for clip, c in zip(clips, codes):
         np.testing.assert_array_equal(encode_batch(model, [clip], "cpu")[0], c)
+
+
+def test_whole_clip_encoder_gives_moshis_codes(mimi, sample_chunk):
+    import copy
+
+    model, _ = mimi
+    fast = use_whole_clip_encoder(copy.deepcopy(model))
+    assert fast.encoder.forward is not model.encoder.forward  # really the other path
+    a = sample_chunk.audio24k
+    clips = [a[24000 * 3 : 24000 * 6 + 123], a[24000 * 12 : 24000 * 13], a[24000 * 21 : 24000 * 21 + 4000]]
+    for ours, moshis in zip(encode_batch(fast, clips, "cpu"), encode_batch(model, clips, "cpu")):
+        np.testing.assert_array_equal(ours, moshis)
