@@ -160,15 +160,18 @@ def use_whole_clip_encoder(model):
     return model
 
 
-def encode_batch(model, clips: list[np.ndarray], device: str) -> list[np.ndarray]:
-    """Codes int16 [K, ceil(len/1920)] for each 24 kHz mono clip, in one padded forward pass."""
+def encode_batch(model, clips: list[np.ndarray], device: str, bf16: bool | None = None) -> list[np.ndarray]:
+    """Codes int16 [K, ceil(len/1920)] for each 24 kHz mono clip, in one padded forward pass;
+    under bf16 autocast when `bf16` (None: on CUDA)."""
     import torch
+
+    bf16 = device == "cuda" if bf16 is None else bf16
 
     longest = max(len(c) for c in clips)
     batch = np.zeros((len(clips), 1, longest), np.float32)
     for i, c in enumerate(clips):
         batch[i, 0, : len(c)] = c
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
         codes = model.encode(torch.from_numpy(batch).to(device)).cpu().numpy()
     return [codes[i, :, : math.ceil(len(c) / FRAME_SAMPLES)].astype(np.int16) for i, c in enumerate(clips)]
 
