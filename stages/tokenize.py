@@ -30,16 +30,15 @@ class TokenizeConfig:
     weights: str | None = None  # local Mimi safetensors; None: the hub (kyutai/moshiko-pytorch-bf16)
     num_codebooks: int = 32
     allow_unreleased: bool = False  # use a deterministic randomly initialised Mimi if the weights are missing
-    # Audio per encoder call (a padded batch). None: 15 s on CPU, where bigger batches only cost
-    # memory bandwidth (a 300 s chunk of utterances, one thread: 6.0x real time and 1.9 GB peak
-    # with 15 s, 4.3x and 4.1 GB with 120 s; bench/bench_models.py --threads 1: 7.0x for 10 s
-    # clips one by one, 5.7x twelve at a time); 120 s on GPU, where batching is what fills it.
-    # The codes do not depend on it (causal encoder, end padding).
+    # Audio per encoder call (a padded batch). None: 4 s on CPU, where a batch only adds memory
+    # traffic: utterances of 4 x 30 s conversations, one thread, 8.1x real time with 4 s, 6.8x with
+    # 15 s, 6.2x with 30 s (and 4.3x with 120 s on a 300 s chunk, at twice the memory); 120 s on GPU,
+    # where batching is what fills it. The codes do not depend on it (causal encoder, end padding).
     batch_seconds: float | None = None
     cpus: float = 1.0
     gpus: float = 0.0
     actors: int | None = None  # pool size when unfused; None: grows with the backlog, up to what fits
-    memory_gb: float = 1.2  # Mimi 0.45 GB + 15 s batches 0.8 GB measured (120 s batches: 3 GB more)
+    memory_gb: float = 1.2  # Mimi 0.45 GB + batches of up to 15 s 0.8 GB measured (120 s batches: 3 GB more)
 
 
 def load_mimi(config: TokenizeConfig, device: str):
@@ -207,7 +206,7 @@ class TokenizeStage(Stage):
         # Similar lengths together keep padding small.
         order = sorted(range(len(clips)), key=lambda i: len(clips[i]))
         seconds = self.config.batch_seconds
-        budget = int((seconds if seconds is not None else 120.0 if self.device == "cuda" else 15.0) * CODEC_RATE)
+        budget = int((seconds if seconds is not None else 120.0 if self.device == "cuda" else 4.0) * CODEC_RATE)
         batch: list[int] = []
         for i in order + [None]:
             if batch and (i is None or len(clips[i]) * (len(batch) + 1) > budget):
