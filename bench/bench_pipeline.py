@@ -22,6 +22,10 @@ from common import ROOT, make_inputs, table
 MODEL_STAGES = ("vad", "diarize", "asr", "tokenize")
 
 
+def model_cpu_seconds(run: dict) -> float:
+    return sum(run["stage_cpu_seconds"].get(s, 0.0) for s in MODEL_STAGES)
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds spent busy by the whole machine since boot (all cores)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -88,7 +92,7 @@ def main() -> None:
     for n, res in results.items():
         r = res["run"]
         audio = r["audio_hours"] * 3600
-        model_cpu = sum(r["stage_cpu_seconds"].get(s, 0.0) for s in MODEL_STAGES)
+        model_cpu = model_cpu_seconds(r)
         rows.append([n, f"{audio:.0f}", f"{res['wall']:.1f}", f"{r['wall_seconds']:.1f}", f"{audio / res['wall']:.2f}",
                      f"{audio / res['wall']:.0f}", f"{res['busy'] / (cores * res['wall']):.2f}",
                      f"{model_cpu / (cores * res['wall']):.2f}", f"{1 - model_cpu / max(res['busy'], 1e-9):.2f}",
@@ -98,6 +102,12 @@ def main() -> None:
                        "worker RSS GB"]))
     first, last = sizes[0], sizes[-1]
     print(f"\nscaling: {last / first:.0f}x input -> {results[last]['wall'] / results[first]['wall']:.2f}x wall time")
+    if len(sizes) > 1:  # the added inputs alone: start-up (Ray, model loading) is paid once by both runs
+        a, b = results[sizes[-2]], results[last]
+        dw = b["wall"] - a["wall"]
+        print(f"steady state, inputs {sizes[-2]} -> {last}: "
+              f"{(b['run']['audio_hours'] - a['run']['audio_hours']) * 3600 / dw:.2f}x real time, "
+              f"model CPU efficiency {(model_cpu_seconds(b['run']) - model_cpu_seconds(a['run'])) / (cores * dw):.2f}")
 
     largest = results[last]["run"]
     stage_rows = [[s, f"{largest['stage_seconds'].get(s, 0):.1f}", f"{largest['stage_cpu_seconds'].get(s, 0):.1f}",
@@ -111,7 +121,7 @@ def main() -> None:
         for n in sorted({sizes[0], sizes[-1]}):
             base, ours = run_baseline(inputs[:n], work / f"baseline-{n}"), results[n]
             audio = base["audio_seconds"]
-            model_cpu = sum(ours["run"]["stage_cpu_seconds"].get(s, 0.0) for s in MODEL_STAGES)
+            model_cpu = model_cpu_seconds(ours["run"])
             rows += [
                 [n, "sequential script", f"{base['wall']:.1f}", f"{base['load_seconds']:.1f}", f"{audio / base['wall']:.2f}",
                  f"{base['busy'] / (cores * base['wall']):.2f}", "", ""],
