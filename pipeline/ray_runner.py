@@ -34,12 +34,6 @@ from stages.write import OutputDir, WriteStage
 
 log = logging.getLogger(__name__)
 DECODE_RESERVE_CPUS = 1.0  # logical CPUs fused workers leave to the decode tasks
-# glibc hands every freed buffer over 32 MB back to the kernel, and the next one arrives as fresh
-# pages the kernel must fault in and zero. Mimi's activations at 24 kHz are hundreds of MB a batch,
-# so a worker spent about a fifth of its time in the kernel. Without mmap and trimming, freed memory
-# is reused (Mimi 1.2x faster, bench/bench_pipeline.py); a worker's resident memory then stays at
-# its peak, which it declares to Ray anyway (worker_memory).
-WORKER_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"}
 
 
 def build_stages(config: PipelineConfig) -> list[Stage]:
@@ -195,16 +189,11 @@ def _decode(stage: DecodeStage):
     return decode
 
 
-def worker_runtime_env() -> dict[str, Any]:
-    """The job's runtime environment: WORKER_ENV in every worker (a value set by the user wins)."""
-    return {"env_vars": {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}}
-
-
 def init_ray(address: str | None, config: PipelineConfig) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=worker_runtime_env())
+        ray.init(address=address, log_to_driver=True)
         return
     cores = os.cpu_count() or 1
     # Logical CPUs: fused workers take one per core and leave one to the decode tasks. Separate
@@ -213,8 +202,7 @@ def init_ray(address: str | None, config: PipelineConfig) -> None:
     # (plan_operators says so). Threads per worker are set by each stage from its `cpus`.
     pools = config.run.fuse_stages is False or (config.run.fuse_stages is None and (config.run.num_gpus or 0) > 0)
     num_cpus = config.run.num_cpus or (2 * cores if pools else cores + int(DECODE_RESERVE_CPUS))
-    ray.init(num_cpus=num_cpus, num_gpus=config.run.num_gpus, include_dashboard=False, log_to_driver=True,
-             runtime_env=worker_runtime_env())
+    ray.init(num_cpus=num_cpus, num_gpus=config.run.num_gpus, include_dashboard=False, log_to_driver=True)
 
 
 def _use_gpus(config: PipelineConfig) -> None:

@@ -50,12 +50,9 @@ def sample_stm() -> list[tuple[float, float, str, str]]:
 def ray_session():
     import ray
 
-    from pipeline.ray_runner import worker_runtime_env
-
     if not ray.is_initialized():
         # As `pipeline run` starts it: a CPU per core plus one for decode tasks (fused workers).
-        ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False,
-                 runtime_env=worker_runtime_env())
+        ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
