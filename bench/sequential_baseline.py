@@ -1,6 +1,7 @@
 """The script a user would write instead of the pipeline: per file, whisperx transcribe (with its own
-VAD), diarize, encode each segment with Mimi, write a WebDataset shard. Same models as the pipeline,
-all cores to each model in turn. Used by bench_pipeline.py for the side-by-side figure.
+VAD), diarize, encode each segment with Mimi (moshi's own `encode`, as a user calls it; the pipeline
+runs Mimi's encoder through WholeClipEncoder, same codes), write a WebDataset shard. Same models as
+the pipeline, all cores to each model in turn. Used by bench_pipeline.py for the side-by-side figure.
 
     python bench/sequential_baseline.py OUT_DIR FILE...
 """
