@@ -80,7 +80,7 @@ def channel_call():
     t = time.perf_counter()
     stage.process(chunk)  # channel mode needs no model: setup() not required
     el = time.perf_counter() - t
-    return chunk.custom["speaker_mode"], scores(c.turns, [(x.start, x.end, x.speaker) for x in chunk.turns]), el, c.duration
+    return chunk.speaker_mode, scores(c.turns, [(x.start, x.end, x.speaker) for x in chunk.turns]), el, c.duration
 
 
 def run(pipeline, wav, file=None):

@@ -48,7 +48,7 @@ class Progress:
             self.errors[e] += 1
         self.stage_seconds.update(chunk.timings)
         self.stage_cpu.update(chunk.cpu_times)
-        for stage, where in chunk.custom.get("placement", {}).items():
+        for stage, where in chunk.placement.items():
             self.nodes.add(where["node"])
             if where["actor"]:
                 self.stage_actors[stage].add(where["actor"])

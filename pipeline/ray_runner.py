@@ -76,7 +76,7 @@ class StageWorker:
         for stage in self.stages:
             chunks = stage.process_batch(chunks)
             for chunk in chunks:
-                chunk.custom.setdefault("placement", {})[stage.name] = where
+                chunk.placement[stage.name] = where
         return _dumps(chunks)
 
 

@@ -153,7 +153,7 @@ def decode_chunks(uri: str, config: DecodeConfig) -> Iterator[Chunk]:
         if not warning and estimated and recording.duration < estimated - max(1.0, 0.05 * estimated):
             warning = f"decoded {recording.duration:.2f} s of the {estimated:.2f} s the header declares"
         if warning:
-            pending.custom["warnings"] = [
+            pending.warnings = [
                 ErrorRecord(uri, sid, "decode", "TruncatedStream", warning, chunk=pending.index)
             ]
         yield pending

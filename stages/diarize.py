@@ -14,7 +14,7 @@ Two ways to get speakers:
 
 Labels are "S0", "S1", ... in order of first speech within the chunk. Chunks of one source are
 diarized independently (a window never spans two chunks), so labels are consistent within a
-chunk; the speaker centroids are kept in `chunk.custom` for anyone linking chunks later.
+chunk; the speaker centroids are kept in `chunk.speaker_embeddings` for anyone linking chunks later.
 """
 
 from __future__ import annotations
@@ -414,22 +414,22 @@ class DiarizeStage(Stage):
         if by_channel:
             raw = regions_to_turns(chunk.channel_speech)
             names = first_speech_names(raw)
-            chunk.custom["speaker_mode"] = "channels"
-            chunk.custom["diarizer"] = {"name": "channels", "channels": int(audio.shape[0])}
+            chunk.speaker_mode = "channels"
+            chunk.diarizer = {"name": "channels", "channels": int(audio.shape[0])}
             # {label: channel}, so per-channel ASR segments can be named
-            chunk.custom["channel_speakers"] = {new: int(old[2:]) for old, new in names.items()}
+            chunk.channel_speakers = {new: int(old[2:]) for old, new in names.items()}
             chunk.turns = relabel_by_first_speech(raw)
             return chunk
 
-        chunk.custom["speaker_mode"] = "diarization"
-        chunk.custom["diarizer"] = self.describe()
+        chunk.speaker_mode = "diarization"
+        chunk.diarizer = self.describe()
         if not chunk.speech:  # nothing to attribute; VAD already says so
             chunk.turns = []
             return chunk
         raw, centroids = diarize_waveform(self.pipeline, chunk.mono16k, chunk.offset, self.config, chunk.recording.id)
         mapping = first_speech_names(raw)
         chunk.turns = relabel_by_first_speech(raw)
-        chunk.custom["speaker_embeddings"] = {
+        chunk.speaker_embeddings = {
             mapping[k]: [round(float(x), 5) for x in v] for k, v in centroids.items() if k in mapping and np.all(np.isfinite(v))
         }
         self.counters["speakers"] += len(mapping)

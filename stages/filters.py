@@ -15,7 +15,7 @@ The stage runs twice (two instances of `FilterStage`):
 - `level="window"`, after `windows`, on the formed windows; it also attaches the per-utterance
   quality list (`utterance_quality`) that `pipeline stats` reads from the manifest.
 
-Metrics land in `u.custom` (utterances) and `w.custom` (windows: manifest columns and the sample
+Metrics land in `u.metrics` (utterances) and `w.metrics` (windows: manifest columns and the sample
 JSON's `quality`).
 
 Signal metrics are estimates on the chunk's 16 kHz mono mix:
@@ -26,7 +26,7 @@ Signal metrics are estimates on the chunk's 16 kHz mono mix:
 - `clipping_ratio`: fraction of samples at or above `clip_level` of full scale (after resampling a
   clipped plateau ripples a little, so this slightly undercounts clipping in resampled files).
 - `language_prob`: ASR language probability when the ASR stage provides one
-  (`u.custom["language_prob"]`); a fixed-language model (the default, `asr.language="en"`) gives
+  (`u.language_prob`); a fixed-language model (the default, `asr.language="en"`) gives
   none, and it is then taken as 1.0.
 """
 
@@ -174,7 +174,7 @@ class SignalContext:
         return self._masks[guard]
 
     def utterance_speech(self, u: Utterance) -> list[tuple[float, float]]:
-        if self.chunk.custom.get("speaker_mode") == "channels" and u.channel < len(self.channel_speech):
+        if self.chunk.speaker_mode == "channels" and u.channel < len(self.channel_speech):
             return self.channel_speech[u.channel]
         return self.any_speech
 
@@ -346,7 +346,7 @@ class Language(Filter):
     description = "language not in `languages` (when set) or its probability below min_language_prob"
 
     def measure(self, u: Utterance, ctx):
-        prob = u.custom.get("language_prob")
+        prob = u.language_prob
         return {"language_prob": 1.0 if prob is None else float(prob)}
 
     def reject_language(self, u: Utterance) -> bool:
@@ -472,10 +472,10 @@ def utterance_quality(u: Utterance) -> dict[str, Any]:
         "avg_logprob": float(u.avg_logprob),
         "no_speech_prob": float(u.no_speech_prob),
         "overlap_ratio": float(u.overlap / d),
-        "vad_coverage": float(u.custom.get("vad_coverage", 1.0)),
-        "repeat_ratio": float(u.custom.get("repeat_ratio", 0.0)),
+        "vad_coverage": float(u.metrics.get("vad_coverage", 1.0)),
+        "repeat_ratio": float(u.metrics.get("repeat_ratio", 0.0)),
         "language": str(u.language),
-        "language_prob": float(u.custom.get("language_prob", 1.0)),
+        "language_prob": float(u.metrics.get("language_prob", 1.0)),
     }
 
 
@@ -486,9 +486,9 @@ def window_metrics(w: Window) -> dict[str, float]:
     return {
         "chars_per_second": float(sum(len(u.text.strip()) for u in utts) / speech),
         "overlap_ratio": float(sum(u.overlap for u in utts) / speech),
-        "min_vad_coverage": float(min(u.custom.get("vad_coverage", 1.0) for u in utts)),
-        "max_repeat_ratio": float(max(u.custom.get("repeat_ratio", 0.0) for u in utts)),
-        "min_language_prob": float(min(u.custom.get("language_prob", 1.0) for u in utts)),
+        "min_vad_coverage": float(min(u.metrics.get("vad_coverage", 1.0) for u in utts)),
+        "max_repeat_ratio": float(max(u.metrics.get("repeat_ratio", 0.0) for u in utts)),
+        "min_language_prob": float(min(u.metrics.get("language_prob", 1.0) for u in utts)),
     }
 
 
@@ -532,7 +532,7 @@ class FilterStage(Stage):
         kept = []
         for u in chunk.utterances:
             metrics, reason, value = check(self.filters, u, ctx, self.config)
-            u.custom.update(metrics)
+            u.metrics.update(metrics)
             if reason is None:
                 kept.append(u)
                 self.counters["utterances_kept"] += 1
@@ -551,9 +551,9 @@ class FilterStage(Stage):
                 chunk.rejected.append(Rejection(sid, self.name, reason, w.start, w.end, value, level="window"))
                 self.counters[f"rejected:{reason}"] += 1
                 continue
-            w.custom.update(metrics)
-            w.custom.update(window_metrics(w))
-            w.custom["utterance_quality"] = [utterance_quality(u) for u in w.utterances]
+            w.metrics.update(metrics)
+            w.metrics.update(window_metrics(w))
+            w.metrics["utterance_quality"] = [utterance_quality(u) for u in w.utterances]
             w.index = len(kept)
             kept.append(w)
             self.counters["windows_kept"] += 1

@@ -66,6 +66,7 @@ class AsrSegment:
     no_speech_prob: float
     channel: int = 0
     words: list[Word] = field(default_factory=list)
+    language_prob: float | None = None
 
 
 @dataclass
@@ -89,7 +90,9 @@ class Utterance:
     no_speech_prob: float = 0.0
     words: list[Word] = field(default_factory=list)
     overlap: float = 0.0  # seconds of this utterance during which another speaker also talks
+    language_prob: float | None = None  # ASR's language probability; None: the language was fixed
     frames: tuple[int, int] | None = None  # [begin, end) into the window's codes, set by tokenize
+    metrics: dict[str, float] = field(default_factory=dict)  # quality measures, set by the filters
     custom: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -104,7 +107,8 @@ class Window:
     index: int  # position among the source's windows (deterministic)
     utterances: list[Utterance]
     codes: np.ndarray | None = None  # int16 [num_codebooks, frames], filled by tokenize
-    custom: dict[str, Any] = field(default_factory=dict)  # quality metrics
+    metrics: dict[str, Any] = field(default_factory=dict)  # quality measures (manifest columns), set by the filters
+    custom: dict[str, Any] = field(default_factory=dict)
 
     @property
     def start(self) -> float:
@@ -166,15 +170,25 @@ class Chunk:
     windows: list[Window] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     errors: list[ErrorRecord] = field(default_factory=list)
-    written: dict[str, Any] = field(default_factory=dict)  # what the writer produced
+    warnings: list[ErrorRecord] = field(default_factory=list)  # recorded with the errors, do not fail the chunk
+    # Speakers: "diarization" (turns from the diarizer) or "channels" (one speaker per channel,
+    # `channel_speakers` maps label -> channel); set by diarize.
+    speaker_mode: str | None = None
+    channel_speakers: dict[str, int] = field(default_factory=dict)
+    speaker_embeddings: dict[str, list[float]] = field(default_factory=dict)  # label -> centroid
+    diarizer: dict[str, Any] = field(default_factory=dict)  # identity of what attributed the speakers
+    codec: dict[str, Any] = field(default_factory=dict)  # identity of the codec that made the codes
+    skipped: bool = False  # rejected as a whole: later stages pass it through
     timings: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
     cpu_times: dict[str, float] = field(default_factory=dict)  # stage -> process CPU seconds
+    placement: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> {node, actor}
     custom: dict[str, Any] = field(default_factory=dict)
+    _duration: float | None = None  # kept when the audio is dropped
 
     @property
     def duration(self) -> float:
         if self.audio16k is None:
-            return self.custom.get("duration", 0.0)
+            return self._duration or 0.0
         return self.audio16k.shape[-1] / ANALYSIS_RATE
 
     @property
@@ -215,14 +229,16 @@ class Chunk:
         self.rejected.append(
             Rejection(self.recording.id, stage, reason, self.offset, self.end, metric, level="chunk")
         )
+        self.skipped = True
         self.drop_audio()
 
     def drop_audio(self) -> None:
         # Keep the duration for accounting, free the samples.
-        self.custom.setdefault("duration", self.duration)
+        if self._duration is None:
+            self._duration = self.duration
         self.audio16k = self.audio24k = None
 
     @property
     def done(self) -> bool:
         """Nothing left for later stages to do."""
-        return self.failed or self.audio16k is None
+        return self.failed or self.skipped

@@ -224,6 +224,6 @@ class TokenizeStage(Stage):
                 begin += c.shape[1]
                 parts.append(c)
             w.codes = np.concatenate(parts, axis=1)
-        chunk.custom["codec"] = self.describe()
+        chunk.codec = self.describe()
         return chunk
 

@@ -61,7 +61,7 @@ def plan_units(chunk: Chunk, config: UtterancesConfig) -> list[tuple[Region, int
     channel with short pauses are joined (up to `max_seconds`): one Whisper window per utterance
     rather than per breath, which is both the utterance we keep and a fraction of the encoder work.
     """
-    if chunk.custom.get("speaker_mode") == "channels":
+    if chunk.speaker_mode == "channels":
         units = [(r, c) for c, regions in enumerate(chunk.channel_speech) for r in regions]
     else:
         units = [(p, None) for r in chunk.speech for p in split_at_turns(r, chunk.turns, config.min_piece)]
@@ -109,12 +109,12 @@ def overlapped_seconds(merged: dict[str, list[tuple[float, float]]]) -> float:
 
 
 def to_utterance(seg: AsrSegment, chunk: Chunk) -> Utterance:
-    if chunk.custom.get("speaker_mode") == "channels" or not chunk.turns:
+    if chunk.speaker_mode == "channels" or not chunk.turns:
         # Without diarization each channel is one speaker, and the label says so.
         speaker, overlap = f"channel{seg.channel}", 0.0
-        if chunk.custom.get("speaker_mode") == "channels":
+        if chunk.speaker_mode == "channels":
             # diarize names each channel's speaker: {label: channel}
-            by_channel = {ch: label for label, ch in chunk.custom.get("channel_speakers", {}).items()}
+            by_channel = {ch: label for label, ch in chunk.channel_speakers.items()}
             speaker = by_channel.get(seg.channel, speaker)
             overlap = assign_speaker(seg.start, seg.end, chunk.turns)[1]
     else:
@@ -122,7 +122,7 @@ def to_utterance(seg: AsrSegment, chunk: Chunk) -> Utterance:
         speaker = speaker or "unknown"
     return Utterance(
         speaker, seg.start, seg.end, seg.text, seg.channel, seg.language,
-        seg.avg_logprob, seg.no_speech_prob, list(seg.words), overlap,
+        seg.avg_logprob, seg.no_speech_prob, list(seg.words), overlap, seg.language_prob,
     )
 
 

@@ -160,9 +160,9 @@ def sample_json(chunk: Chunk, w: Window) -> dict[str, Any]:
             }
             for u in w.utterances
         ],
-        "codec": chunk.custom.get("codec", {}),
-        "diarizer": chunk.custom.get("diarizer", {"name": "none", "speaker_mode": chunk.custom.get("speaker_mode", "channel")}),
-        "quality": {**window_stats(w), **w.custom},
+        "codec": chunk.codec,
+        "diarizer": chunk.diarizer or {"name": "none", "speaker_mode": chunk.speaker_mode or "channel"},
+        "quality": {**window_stats(w), **w.metrics},
     }
 
 
@@ -204,7 +204,7 @@ class WriteStage(Stage):
             table = pa.Table.from_pylist([{**asdict(r), "duration": r.duration, "uri": chunk.recording.uri} for r in chunk.rejected])
             pq.write_table(table, buf)
             self.out.write_bytes(f"rejected/{name}.parquet", buf.getvalue())
-        errors = chunk.errors + chunk.custom.get("warnings", [])
+        errors = chunk.errors + chunk.warnings
         if errors:
             lines = "".join(json.dumps(asdict(e), sort_keys=True) + "\n" for e in errors)
             self.out.write_bytes(f"errors/{name}.jsonl", lines.encode())
@@ -216,7 +216,7 @@ class WriteStage(Stage):
             "kept_seconds": sum(r["duration"] for r in rows),
             "rejected": len(chunk.rejected), "errors": [e.error_type for e in errors],
             "failed": chunk.failed,
-            "codec": chunk.custom.get("codec"), "diarizer": chunk.custom.get("diarizer"),
+            "codec": chunk.codec or None, "diarizer": chunk.diarizer or None,
         }
         # The chunk record is the commit point: written last, after everything it refers to.
         self.out.write_bytes(f"chunks/{name}.json", json.dumps(chunk.written, sort_keys=True).encode())

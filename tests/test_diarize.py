@@ -105,9 +105,9 @@ def test_two_channel_call_is_attributed_by_channel():
     chunk = make_chunk(conv.channels, offset=offset)
     stage = DiarizeStage(DiarizeConfig())  # no setup(): channel mode must not need a model
     chunk = stage.process(chunk)
-    assert chunk.custom["speaker_mode"] == "channels"
-    assert chunk.custom["diarizer"]["name"] == "channels"
-    assert chunk.custom["channel_speakers"] == {"S0": 0, "S1": 1}
+    assert chunk.speaker_mode == "channels"
+    assert chunk.diarizer["name"] == "channels"
+    assert chunk.channel_speakers == {"S0": 0, "S1": 1}
     ref = [(offset + s, offset + e, f"S{k}") for s, e, k in conv.turns]
     assert der(ref, chunk.turns) < 0.02
     # the same labels as the script, not just up to permutation: S0 spoke first, on channel 0
@@ -163,8 +163,8 @@ def test_offline_der_on_pyannote_sample(offline_stage):
         ref.append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
     offset = 30.0
     chunk = offline_stage.process(make_chunk(wav, offset=offset))
-    assert chunk.custom["speaker_mode"] == "diarization"
-    ident = chunk.custom["diarizer"]
+    assert chunk.speaker_mode == "diarization"
+    ident = chunk.diarizer
     assert ident["name"] == OFFLINE_NAME and ident["threshold"] == offline_stage.config.threshold
     assert offline_stage.describe()["name"] == OFFLINE_NAME
     assert all(t.start >= offset for t in chunk.turns)
@@ -172,15 +172,15 @@ def test_offline_der_on_pyannote_sample(offline_stage):
     assert der(ref, shifted) <= SAMPLE_MAX_DER
     labels = [t.speaker for t in chunk.turns]
     assert labels[0] == "S0" and set(labels) == {"S0", "S1"}  # two people on the line
-    assert set(chunk.custom["speaker_embeddings"]) <= set(labels)
+    assert set(chunk.speaker_embeddings) <= set(labels)
 
 
 def test_chunk_without_speech_gets_no_turns(offline_stage):
     chunk = make_chunk(np.zeros(16000 * 3, np.float32))
     chunk.speech = []
     chunk = offline_stage.process(chunk)
-    assert chunk.turns == [] and chunk.custom["speaker_mode"] == "diarization"
-    assert chunk.custom["diarizer"]["name"] == OFFLINE_NAME
+    assert chunk.turns == [] and chunk.speaker_mode == "diarization"
+    assert chunk.diarizer["name"] == OFFLINE_NAME
 
 
 @pytest.mark.slow
@@ -188,7 +188,7 @@ def test_chunk_without_speech_gets_no_turns(offline_stage):
 def test_offline_finds_both_voices_of_a_mono_conversation(offline_stage):
     conv = conversation(gap=0.3, seed=6)
     chunk = offline_stage.process(make_chunk(conv.mono))
-    assert chunk.custom["speaker_mode"] == "diarization"
+    assert chunk.speaker_mode == "diarization"
     assert der(conv.turns, chunk.turns) <= SYNTH_MAX_DER
     # every scripted line goes to one label per voice, two different labels
     got = [assign_speaker(s, e, chunk.turns)[0] for s, e, _ in conv.turns]
@@ -205,7 +205,7 @@ def test_two_channel_mix_falls_back_to_diarization(offline_stage):
     conv = conversation(gap=0.3, seed=7)
     stereo = np.stack([conv.mono, conv.mono])  # one conversation copied to both channels
     chunk = offline_stage.process(make_chunk(stereo))
-    assert chunk.custom["speaker_mode"] == "diarization"
+    assert chunk.speaker_mode == "diarization"
     assert len({t.speaker for t in chunk.turns}) == 2
 
 
@@ -297,8 +297,8 @@ def test_production_loader_runs_a_saved_pipeline_in_memory(tmp_path, monkeypatch
     chunk = make_chunk(audio, offset=42.0)
     chunk.speech = [Region(42.0, 52.0)]
     chunk = stage.process(chunk)
-    assert chunk.custom["speaker_mode"] == "diarization"
-    assert chunk.custom["diarizer"]["pipeline"] == str(root)
+    assert chunk.speaker_mode == "diarization"
+    assert chunk.diarizer["pipeline"] == str(root)
     assert chunk.turns  # random weights, fixed seed: speech is found, embedded and clustered
     assert all(isinstance(t, Turn) and 42.0 <= t.start <= t.end <= 52.01 for t in chunk.turns)
     assert all(t.speaker.startswith("S") for t in chunk.turns)

@@ -185,5 +185,5 @@ def test_a_backlogged_pool_grows_and_every_chunk_comes_back_once(ray_session):
     ds = apply_operator(ds, Operator([Slow(None)], Slow(None).resources(), 1, 3), max_retries=0)
     out = _loads({"chunk": [row["chunk"] for row in ds.iter_rows()]})
     assert sorted(c.index for c in out) == list(range(12))
-    actors = {c.custom["placement"]["slow"]["actor"] for c in out}
+    actors = {c.placement["slow"]["actor"] for c in out}
     assert 2 <= len(actors) <= 3

@@ -94,13 +94,13 @@ SENTENCE = "I think we should meet there tomorrow morning, okay?"
 
 def test_clean_speech_passes_every_filter_and_metrics_are_recorded(speech, reference, vad_model):
     chunk = make_chunk(speech, vad_model)
-    chunk.utterances = [dataclasses.replace(u, custom={}) for u in reference]
+    chunk.utterances = [dataclasses.replace(u, metrics={}) for u in reference]
     chunk = run_level(chunk, "utterance")
     assert reasons(chunk) == []
     assert len(chunk.utterances) == len(reference)
     for u in chunk.utterances:
-        assert {"duration", "vad_coverage", "rms_dbfs", "chars_per_second", "repeat_ratio", "overlap_ratio", "language_prob"} <= set(u.custom)
-        assert u.custom["language_prob"] == 1.0  # fixed-language ASR: no probability, taken as 1.0
+        assert {"duration", "vad_coverage", "rms_dbfs", "chars_per_second", "repeat_ratio", "overlap_ratio", "language_prob"} <= set(u.metrics)
+        assert u.metrics["language_prob"] == 1.0  # fixed-language ASR: no probability, taken as 1.0
     # Non-speech time is recorded (for the funnel): exactly the complement of the VAD regions.
     gaps = [r for r in chunk.rejected if r.reason == "non_speech"]
     assert gaps and all(r.stage == "vad" and r.level == "region" for r in gaps)
@@ -111,9 +111,9 @@ def test_clean_speech_passes_every_filter_and_metrics_are_recorded(speech, refer
     chunk = run_level(chunk, "window")
     assert reasons(chunk) == [] and len(chunk.windows) == 1
     w = chunk.windows[0]
-    assert w.custom["snr_db"] > 15 and w.custom["speech_ratio"] > 0.8 and w.custom["clipping_ratio"] == 0.0
-    assert len(w.custom["utterance_quality"]) == len(reference)
-    assert w.custom["utterance_quality"][0]["start"] == reference[0].start
+    assert w.metrics["snr_db"] > 15 and w.metrics["speech_ratio"] > 0.8 and w.metrics["clipping_ratio"] == 0.0
+    assert len(w.metrics["utterance_quality"]) == len(reference)
+    assert w.metrics["utterance_quality"][0]["start"] == reference[0].start
 
 
 # ------------------------------------------------------------------- utterance-level rejections
@@ -150,7 +150,7 @@ def test_near_silent_audio_inside_vad_speech_is_text_in_silence():
         ("Oh.", 14.444, 17.769, {}, None, "speaking_rate"),  # 3 chars over 3.3 s
         ("And I'm Sheila in Texas, originally from Chicago.", 14.444, 17.769, {"overlap": 2.5}, None, "overlap"),
         ("Und ich bin Sheila aus Texas.", 14.444, 17.769, {"language": "de"}, FiltersConfig(languages=["en"]), "language"),
-        ("And I'm Sheila in Texas.", 14.444, 17.769, {"custom": {"language_prob": 0.2}}, None, "language"),
+        ("And I'm Sheila in Texas.", 14.444, 17.769, {"language_prob": 0.2}, None, "language"),
     ],
 )
 def test_utterance_filters_reject_with_their_reason(speech, vad_model, text, start, end, fields, config, reason):
@@ -281,7 +281,7 @@ def _check_pieces(u: Utterance, pieces: list[Utterance], cfg: WindowsConfig) -> 
 
 def test_long_utterance_with_word_times_is_split_at_pauses_between_words():
     words = _words(150, pause_every=10)
-    u = Utterance("A", 0.0, words[-1].end, " ".join(w.text for w in words), words=words, custom={"vad_coverage": 1.0})
+    u = Utterance("A", 0.0, words[-1].end, " ".join(w.text for w in words), words=words, metrics={"vad_coverage": 1.0})
     cfg = WindowsConfig(max_positions=400)
     assert positions(u, cfg) > cfg.max_positions
     pieces = split_to_budget(u, cfg)

@@ -94,7 +94,7 @@ def test_channel_mode_transcribes_each_channel_and_names_its_speaker():
     from stages.records import AsrSegment
 
     chunk = Chunk(Recording("call", "call.wav", 10.0, 8000, 2), 0, 0.0, True, np.zeros((2, 160000), np.float32))
-    chunk.custom.update(speaker_mode="channels", channel_speakers={"S0": 1, "S1": 0})
+    chunk.speaker_mode, chunk.channel_speakers = "channels", {"S0": 1, "S1": 0}
     chunk.channel_speech = [[Region(4.0, 5.0), Region(5.2, 6.0)], [Region(1.0, 3.0), Region(4.5, 4.8)]]
     chunk.turns = [Turn(1.0, 3.0, "S0"), Turn(4.0, 6.0, "S1"), Turn(4.5, 4.8, "S0")]
     units = plan_units(chunk, UtterancesConfig(merge_gap=0.5))
