@@ -25,7 +25,8 @@ import numpy as np
 import soundfile as sf
 from conftest_audio import CLOSE_VOICES, SCRIPT, conversation, energy_regions
 
-from stages.diarize import DiarizeConfig, DiarizeStage, build_offline_pipeline
+from stages.diarize import DiarizeConfig, DiarizeStage
+from stages.diarizer import build_offline_pipeline
 from stages.records import Chunk, Recording, Region
 
 

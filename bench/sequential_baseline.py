@@ -28,7 +28,8 @@ def main(out_dir: str, files: list[str]) -> dict:
     import whisperx
 
     from stages.asr import DEFAULT_MODEL, resolve_model
-    from stages.diarize import DiarizeConfig, build_offline_pipeline, diarize_waveform
+    from stages.diarize import DiarizeConfig
+    from stages.diarizer import build_offline_pipeline, diarize_waveform
     from stages.tokenize import TokenizeConfig, encode_batch, load_mimi
     from stages.utterances import assign_speaker
 

@@ -24,7 +24,7 @@ from stages.asr import AsrStage
 from stages.base import WORKER_BASE_GB, Resources, Stage
 from stages.decode import DecodeStage
 from stages.diarize import DiarizeStage
-from stages.filters import FilterStage
+from stages.filtering import FilterStage
 from stages.records import Chunk, ErrorRecord, source_id
 from stages.tokenize import TokenizeStage
 from stages.utterances import UtterancesStage

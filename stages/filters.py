@@ -1,30 +1,12 @@
-"""filters: quality filters with a recorded reason for everything they drop.
+"""filters: the quality rules, each with a recorded reason for everything it drops.
 
 Each filter is a small class with a `name` (the rejection reason), the metric(s) it measures and
 its threshold(s) from `FiltersConfig`. Every candidate is measured by every filter of its level
 (the metrics are kept, so the manifest shows them for kept windows too); the first filter that
-fails, in the order below, rejects it with `Rejection(stage="filters", reason=<filter name>,
-metric=<its value>, level="utterance"|"window")`.
+fails, in the order below, rejects it. The two stages that apply them (`filter_utterances` before
+windows are formed, `filter_windows` after) are in stages/filtering.py; the signal measures they
+use in stages/signal.py.
 
-The stage runs twice (two instances of `FilterStage`):
-
-- `level="utterance"`, between `utterances` and `windows`, so a rejected utterance never sits
-  inside a kept window. It also records the time VAD found no speech in (`stage="vad",
-  reason="non_speech", level="region"`), so every second of input has a record (see
-  `pipeline/stats.py` for how the funnel adds up).
-- `level="window"`, after `windows`, on the formed windows; it also attaches the per-utterance
-  quality list (`utterance_quality`) that `pipeline stats` reads from the manifest.
-
-Metrics land in `u.metrics` (utterances) and `w.metrics` (windows: manifest columns and the sample
-JSON's `quality`).
-
-Signal metrics are estimates on the chunk's 16 kHz mono mix:
-- `snr_db`: mean power of VAD speech frames over mean power of non-speech frames (frames at least
-  0.1 s away from speech; from the window, else from the whole chunk; with no non-speech frames at
-  all, the 10th percentile of frame power stands in for the noise floor). Not a MOS predictor: none
-  installs offline.
-- `clipping_ratio`: fraction of samples at or above `clip_level` of full scale (after resampling a
-  clipped plateau ripples a little, so this slightly undercounts clipping in resampled files).
 - `language_prob`: ASR language probability when the ASR stage provides one
   (`u.language_prob`); a fixed-language model (the default, `asr.language="en"`) gives
   none, and it is then taken as 1.0.
@@ -38,9 +20,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from stages.base import Stage
-from stages.intervals import complement, covered, union
-from stages.records import ANALYSIS_RATE, Chunk, Rejection, Utterance, Window
+from stages.intervals import covered
+from stages.records import Utterance, Window
+from stages.signal import SignalContext, rms_dbfs, snr_estimate
 
 # Known Whisper "phantom" outputs: subtitle credits and video outros it hallucinates on silence,
 # music and noise (learnt from subtitled videos). Matched as whole words on lower-cased text with
@@ -66,8 +48,6 @@ PHANTOM_PHRASES = (
     "www ",
     "see you in the next video",
 )
-
-_FRAME = 320  # 20 ms at 16 kHz, for energy measures
 
 
 @dataclass
@@ -97,7 +77,7 @@ class FiltersConfig:
     disable: list[str] = field(default_factory=list)  # filter names that measure but never reject
 
 
-# ------------------------------------------------------------------ interval and signal helpers
+# ------------------------------------------------------------------ text measures
 
 
 def words_of(text: str) -> list[str]:
@@ -124,92 +104,6 @@ def repeat_ratio(text: str, min_ngrams: int = 4) -> tuple[float, int]:
 def normalise(text: str) -> str:
     """Lower-case words separated by single spaces, padded with a space on each side."""
     return " " + " ".join(words_of(text.replace("\u2019", "'").replace(".", " "))) + " "
-
-
-class SignalContext:
-    """Per-chunk cached views for signal metrics (frame powers, speech intervals)."""
-
-    def __init__(self, chunk: Chunk):
-        self.chunk = chunk
-        self.offset = chunk.offset
-        self.speech = union([(r.start, r.end) for r in chunk.speech])
-        self.channel_speech = [union([(r.start, r.end) for r in regions]) for regions in chunk.channel_speech]
-        self.any_speech = union(self.speech + [iv for ch in self.channel_speech for iv in ch])
-        self._mono: np.ndarray | None = None
-        self._power: np.ndarray | None = None
-        self._masks: dict[float, np.ndarray] = {}
-
-    @property
-    def mono(self) -> np.ndarray:
-        if self._mono is None:
-            self._mono = np.asarray(self.chunk.mono16k, dtype=np.float32)
-        return self._mono
-
-    def samples(self, start: float, end: float) -> np.ndarray:
-        lo = max(0, int(round((start - self.offset) * ANALYSIS_RATE)))
-        hi = min(len(self.mono), int(round((end - self.offset) * ANALYSIS_RATE)))
-        return self.mono[lo:hi] if hi > lo else self.mono[:0]
-
-    @property
-    def frame_power(self) -> np.ndarray:
-        """Mean power of each 20 ms frame of the chunk."""
-        if self._power is None:
-            n = len(self.mono) // _FRAME
-            x = self.mono[: n * _FRAME].astype(np.float64).reshape(n, _FRAME)
-            self._power = (x * x).mean(axis=1)
-        return self._power
-
-    def frame_times(self) -> np.ndarray:
-        return self.offset + (np.arange(len(self.frame_power)) + 0.5) * _FRAME / ANALYSIS_RATE
-
-    def speech_mask(self, guard: float = 0.0) -> np.ndarray:
-        """Frames whose centre is within `guard` seconds of VAD speech (cached per guard)."""
-        if guard not in self._masks:
-            t = self.frame_times()
-            mask = np.zeros(len(t), dtype=bool)
-            for a, b in self.any_speech:
-                lo, hi = np.searchsorted(t, [a - guard, b + guard])
-                mask[lo:hi] = True
-            self._masks[guard] = mask
-        return self._masks[guard]
-
-    def utterance_speech(self, u: Utterance) -> list[tuple[float, float]]:
-        if self.chunk.speaker_mode == "channels" and u.channel < len(self.channel_speech):
-            return self.channel_speech[u.channel]
-        return self.any_speech
-
-
-def rms_dbfs(x: np.ndarray) -> float:
-    if len(x) == 0:
-        return -120.0
-    return float(10 * np.log10(max(float(np.mean(x.astype(np.float64) ** 2)), 1e-12)))
-
-
-def snr_estimate(ctx: SignalContext, start: float, end: float, min_frames: int = 25) -> float:
-    """SNR (dB) of [start, end): speech-frame power over non-speech-frame power (see module doc)."""
-    power = ctx.frame_power
-    if len(power) == 0:
-        return 0.0
-    t = ctx.frame_times()
-    inside = (t >= start) & (t < end)
-    speech = ctx.speech_mask() & inside
-    quiet_all = ~ctx.speech_mask(guard=0.1)
-    quiet = quiet_all & inside
-    if speech.sum() == 0:
-        return -20.0
-    p_speech = float(power[speech].mean())
-    if quiet.sum() >= min_frames:
-        p_noise = float(power[quiet].mean())
-    elif quiet_all.sum() >= min_frames:
-        p_noise = float(power[quiet_all].mean())
-    else:
-        p_noise = float(np.percentile(power[inside], 10)) if inside.any() else 0.0
-    if p_noise <= 1e-12:
-        return 100.0 if p_speech > 1e-10 else -20.0
-    return float(np.clip(10 * np.log10(max(p_speech - p_noise, 1e-12) / p_noise), -20.0, 100.0))
-
-
-# ------------------------------------------------------------------ filters
 
 
 class Filter:
@@ -458,105 +352,3 @@ def check(filters: list[Filter], item: Any, ctx: SignalContext, config: FiltersC
         if v is not None:
             reason, value = f.name, float(v)
     return metrics, reason, value
-
-
-def utterance_quality(u: Utterance) -> dict[str, Any]:
-    """Per-utterance facts for the manifest (what `pipeline stats` draws its distributions from)."""
-    d = max(u.duration, 1e-6)
-    return {
-        "start": float(u.start),
-        "end": float(u.end),
-        "speaker": str(u.speaker),
-        "text_chars": int(len(u.text)),
-        "chars_per_second": float(len(u.text.strip()) / d),
-        "avg_logprob": float(u.avg_logprob),
-        "no_speech_prob": float(u.no_speech_prob),
-        "overlap_ratio": float(u.overlap / d),
-        "vad_coverage": float(u.metrics.get("vad_coverage", 1.0)),
-        "repeat_ratio": float(u.metrics.get("repeat_ratio", 0.0)),
-        "language": str(u.language),
-        "language_prob": float(u.metrics.get("language_prob", 1.0)),
-    }
-
-
-def window_metrics(w: Window) -> dict[str, float]:
-    """Window-level aggregates of the utterance metrics (manifest columns)."""
-    utts = w.utterances
-    speech = sum(u.duration for u in utts) or 1e-6
-    return {
-        "chars_per_second": float(sum(len(u.text.strip()) for u in utts) / speech),
-        "overlap_ratio": float(sum(u.overlap for u in utts) / speech),
-        "min_vad_coverage": float(min(u.metrics.get("vad_coverage", 1.0) for u in utts)),
-        "max_repeat_ratio": float(max(u.metrics.get("repeat_ratio", 0.0) for u in utts)),
-        "min_language_prob": float(min(u.metrics.get("language_prob", 1.0) for u in utts)),
-    }
-
-
-def non_speech_gaps(chunk: Chunk, ctx: SignalContext) -> list[tuple[float, float]]:
-    return complement(ctx.any_speech, chunk.offset, chunk.end)
-
-
-class FilterStage(Stage):
-    name = "filters"
-
-    def __init__(self, config: FiltersConfig, level: str = "utterance"):
-        super().__init__(config)
-        if level not in ("utterance", "window"):
-            raise ValueError(f"level must be 'utterance' or 'window', got {level!r}")
-        self.level = level
-        self.filters = make_filters(config, level)
-
-    def describe(self) -> dict[str, Any]:
-        # Both instances describe every filter (run.json keys stages by name, so they share one entry).
-        return {
-            f"{level}_filters": [
-                {"name": f.name, "measures": f.description, **f.thresholds(), **({"disabled": True} if f.name in self.config.disable else {})}
-                for f in make_filters(self.config, level)
-            ]
-            for level in ("utterance", "window")
-        }
-
-    def process(self, chunk: Chunk) -> Chunk:
-        ctx = SignalContext(chunk)
-        if self.level == "utterance":
-            self.filter_utterances(chunk, ctx)
-        else:
-            self.filter_windows(chunk, ctx)
-        return chunk
-
-    def filter_utterances(self, chunk: Chunk, ctx: SignalContext) -> None:
-        sid = chunk.recording.id
-        # Non-speech time gets its own records, so the funnel accounts for every second of input.
-        for a, b in non_speech_gaps(chunk, ctx):
-            chunk.rejected.append(Rejection(sid, "vad", "non_speech", a, b, None, level="region"))
-        kept = []
-        for u in chunk.utterances:
-            metrics, reason, value = check(self.filters, u, ctx, self.config)
-            u.metrics.update(metrics)
-            if reason is None:
-                kept.append(u)
-                self.counters["utterances_kept"] += 1
-            else:
-                chunk.rejected.append(Rejection(sid, self.name, reason, u.start, u.end, value, level="utterance"))
-                self.counters[f"rejected:{reason}"] += 1
-        chunk.utterances = kept
-
-    def filter_windows(self, chunk: Chunk, ctx: SignalContext) -> None:
-        sid = chunk.recording.id
-        kept: list[Window] = []
-        for w in chunk.windows:
-            metrics, reason, value = check(self.filters, w, ctx, self.config)
-            metrics.pop("speakers", None)  # already a manifest column (window_stats)
-            if reason is not None:
-                chunk.rejected.append(Rejection(sid, self.name, reason, w.start, w.end, value, level="window"))
-                self.counters[f"rejected:{reason}"] += 1
-                continue
-            w.metrics.update(metrics)
-            w.metrics.update(window_metrics(w))
-            w.metrics["utterance_quality"] = [utterance_quality(u) for u in w.utterances]
-            w.index = len(kept)
-            kept.append(w)
-            self.counters["windows_kept"] += 1
-        chunk.windows = kept
-        if not kept:
-            chunk.reject(self.name, "no_windows")

@@ -15,17 +15,14 @@ os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "0")  # no telemetry from test
 from conftest_audio import conversation, energy_regions, have_espeak
 
 from stages.diarize import (
-    COMMUNITY_PIPELINE,
-    OFFLINE_NAME,
     DiarizeConfig,
     DiarizeStage,
-    PipelineUnavailable,
     channel_correlation,
     channel_overlap_ratio,
     decide_channel_mode,
-    load_pretrained_pipeline,
     relabel_by_first_speech,
 )
+from stages.diarizer import COMMUNITY_PIPELINE, OFFLINE_NAME, PipelineUnavailable, load_pretrained_pipeline
 from stages.records import Chunk, Recording, Region, Turn
 from stages.utterances import assign_speaker
 

@@ -10,17 +10,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from stages.filters import (
-    FILTER_ORDER,
-    FiltersConfig,
-    FilterStage,
-    SignalContext,
-    check,
-    complement,
-    make_filters,
-    repeat_ratio,
-    snr_estimate,
-)
+from stages.filtering import FilterStage
+from stages.filters import FILTER_ORDER, FiltersConfig, check, make_filters, repeat_ratio
+from stages.intervals import complement
+from stages.signal import SignalContext, snr_estimate
 from stages.records import Chunk, Recording, Region, Utterance, Window, Word
 from stages.windows import WindowsConfig, WindowsStage, positions, split_to_budget
 
