@@ -44,7 +44,7 @@ def main() -> None:
     chunks = [c for p in inputs for c in decode.chunks(str(p))]
     rows = [["decode", "-", f"{time.perf_counter() - t:.2f}", f"{process_cpu_seconds() - cpu:.2f}"]]
     audio = sum(c.duration for c in chunks)
-    from stages.write import OutputDir
+    from stages.corpus_format import OutputDir
 
     OutputDir(config.write.output).makedirs()
     for stage in build_stages(config):

@@ -33,7 +33,7 @@ def run(inputs, output, config_files, sets, address, allow_config_change) -> Non
     from pipeline.corpus import check_config, completed_sources, write_run_json
     from pipeline.inputs import embedded_default, expand_inputs
     from pipeline.ray_runner import build_stages, run_pipeline
-    from stages.write import OutputDir
+    from stages.corpus_format import OutputDir
 
     embedded = not inputs
     files = ([str(CONFIG_DIR / "embedded.yaml")] if embedded else []) + list(config_files)

@@ -12,7 +12,7 @@ from importlib import metadata
 from typing import Any
 
 from pipeline.config import ConfigError, PipelineConfig, to_dict
-from stages.write import OutputDir
+from stages.corpus_format import CONFIG_FILE, RUN_FILE, ChunkRecord, OutputDir, read_error_lines
 
 VERSIONED = ["torch", "torchaudio", "whisperx", "faster-whisper", "ctranslate2", "pyannote.audio", "moshi", "ray", "webdataset", "silero-vad", "av", "numpy", "pyarrow", "transformers"]
 # Keys that may change between runs into the same corpus without changing what is produced.
@@ -29,8 +29,8 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def chunk_records(out: OutputDir) -> list[dict[str, Any]]:
-    return [json.loads(out.read_bytes(f"chunks/{n}")) for n in out.list("chunks", ".json")]
+def chunk_records(out: OutputDir) -> list[ChunkRecord]:
+    return [ChunkRecord.from_json(out.read_bytes(f"chunks/{n}")) for n in out.list("chunks", ".json")]
 
 
 def completed_sources(out: OutputDir) -> set[str]:
@@ -38,9 +38,9 @@ def completed_sources(out: OutputDir) -> set[str]:
     seen: dict[str, set[int]] = defaultdict(set)
     last: dict[str, int] = {}
     for rec in chunk_records(out):
-        seen[rec["uri"]].add(rec["chunk"])
-        if rec["last"]:
-            last[rec["uri"]] = rec["chunk"]
+        seen[rec.uri].add(rec.chunk)
+        if rec.last:
+            last[rec.uri] = rec.chunk
     return {uri for uri, idx in last.items() if seen[uri] == set(range(idx + 1))}
 
 
@@ -65,8 +65,8 @@ def config_digest(config: PipelineConfig) -> str:
 
 def check_config(out: OutputDir, config: PipelineConfig, allow_change: bool) -> None:
     """Refuse to mix samples made with different settings in one corpus, unless asked to."""
-    if out.exists("config.json"):
-        previous = json.loads(out.read_bytes("config.json"))
+    if out.exists(CONFIG_FILE):
+        previous = json.loads(out.read_bytes(CONFIG_FILE))
         if previous.get("digest") != config_digest(config) and not allow_change:
             old, new = previous["config"], _producing_config(config)
             diff = sorted(
@@ -76,7 +76,7 @@ def check_config(out: OutputDir, config: PipelineConfig, allow_change: bool) -> 
                 f"{out.root} was produced with a different config (changed: {', '.join(diff) or '?'}); "
                 "use a new --output, or --allow-config-change to add to it anyway"
             )
-    out.write_bytes("config.json", json.dumps({"digest": config_digest(config), "config": _producing_config(config)}, indent=1, sort_keys=True).encode())
+    out.write_bytes(CONFIG_FILE, json.dumps({"digest": config_digest(config), "config": _producing_config(config)}, indent=1, sort_keys=True).encode())
 
 
 def write_run_json(out: OutputDir, config: PipelineConfig, summary: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -88,12 +88,9 @@ def write_run_json(out: OutputDir, config: PipelineConfig, summary: dict[str, An
         **extra,
         **summary,
     }
-    out.write_bytes("run.json", json.dumps(run, indent=1, sort_keys=True, default=str).encode())
+    out.write_bytes(RUN_FILE, json.dumps(run, indent=1, sort_keys=True, default=str).encode())
     return run
 
 
 def read_errors(out: OutputDir) -> list[dict[str, Any]]:
-    rows = []
-    for n in out.list("errors", ".jsonl"):
-        rows += [json.loads(line) for line in out.read_bytes(f"errors/{n}").decode().splitlines() if line]
-    return rows
+    return [row for n in out.list("errors", ".jsonl") for row in read_error_lines(out.read_bytes(f"errors/{n}"))]

@@ -7,7 +7,8 @@ import time
 from collections import Counter, defaultdict
 from typing import Any
 
-from stages.records import Chunk
+from stages.corpus_format import ChunkRecord
+from stages.records import ChunkSummary
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -36,34 +37,36 @@ class Progress:
         self.nodes: set[str] = set()
         self.stage_actors: defaultdict[str, set[str]] = defaultdict(set)  # the actors that ran each stage
 
-    def update(self, chunk: Chunk) -> None:
-        w = chunk.written
-        uri = chunk.recording.uri
-        self.audio_seconds += chunk.duration
+    def update(self, s: ChunkSummary) -> None:
+        r = s.record
+        self.audio_seconds += r.duration
         self.counts["chunks"] += 1
         for key in ("samples", "utterances", "frames", "rejected"):
-            self.counts[key] += w.get(key, 0)
-        self.counts["kept_seconds"] += w.get("kept_seconds", 0.0)
-        for e in w.get("errors", []):
-            self.errors[e] += 1
-        self.stage_seconds.update(chunk.timings)
-        self.stage_cpu.update(chunk.cpu_times)
-        for stage, where in chunk.placement.items():
+            self.counts[key] += getattr(r, key)
+        self.counts["kept_seconds"] += r.kept_seconds
+        self.errors.update(r.errors)
+        self.stage_seconds.update(s.timings)
+        self.stage_cpu.update(s.cpu_times)
+        for stage, where in s.placement.items():
             self.nodes.add(where["node"])
             if where["actor"]:
                 self.stage_actors[stage].add(where["actor"])
         for name in ("codec", "diarizer"):
-            if w.get(name) and name not in self.models:
-                self.models[name] = w[name]
-        self.chunks_seen[uri].add(chunk.index)
-        if chunk.last:
-            self.last_index[uri] = chunk.index
-        if uri in self.last_index and len(self.chunks_seen[uri]) == self.last_index[uri] + 1:
-            self.done_sources.add(uri)
-            self.bytes_done += self.sizes.get(uri, 0)
-            self.counts["failed_sources"] += int(chunk.failed and chunk.index == 0)
+            if getattr(r, name) and name not in self.models:
+                self.models[name] = getattr(r, name)
+        if s.committed:  # else nothing is on disk: the source stays incomplete and a rerun retries it
+            self.chunk_done(r)
         if time.time() - self.last_print >= self.interval:
             self.print()
+
+    def chunk_done(self, r: ChunkRecord) -> None:
+        self.chunks_seen[r.uri].add(r.chunk)
+        if r.last:
+            self.last_index[r.uri] = r.chunk
+        if r.uri in self.last_index and len(self.chunks_seen[r.uri]) == self.last_index[r.uri] + 1:
+            self.done_sources.add(r.uri)
+            self.bytes_done += self.sizes.get(r.uri, 0)
+            self.counts["failed_sources"] += int(r.failed and r.chunk == 0)
 
     def print(self) -> None:
         self.last_print = time.time()

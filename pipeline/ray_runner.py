@@ -2,17 +2,17 @@
 runner that wires decode -> ... -> write, streams chunk summaries back and reports progress.
 
 Chunks travel between operators as pickled `Chunk` records in a single binary column: explicit,
-so Ray never guesses an Arrow type for them.
+so Ray never guesses an Arrow type for them. The last operator sends the driver each chunk's
+`ChunkSummary` instead (a few hundred bytes, not the chunk).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -25,12 +25,13 @@ from stages.base import WORKER_BASE_GB, Resources, Stage
 from stages.decode import DecodeStage
 from stages.diarize import DiarizeStage
 from stages.filtering import FilterStage
+from stages.corpus_format import INCOMPLETE_SUFFIX, OutputDir, error_lines, incomplete_errors
 from stages.records import Chunk, ErrorRecord, source_id
 from stages.tokenize import TokenizeStage
 from stages.utterances import UtterancesStage
 from stages.vad import VadStage
 from stages.windows import WindowsStage
-from stages.write import OutputDir, WriteStage
+from stages.write import WriteStage
 
 log = logging.getLogger(__name__)
 DECODE_RESERVE_CPUS = 1.0  # logical CPUs fused workers leave to the decode tasks
@@ -61,13 +62,14 @@ def _loads(batch: dict[str, np.ndarray]) -> list[Chunk]:
 
 class StageWorker:
     """Ray Data UDF around a run of stages: each worker calls every stage's setup() once, then
-    passes each batch through the stages in order (one stage, or all of them when fused)."""
+    passes each batch through the stages in order (one stage, or all of them when fused). The
+    last operator's workers hand back chunk summaries (column "summary"), the others chunks."""
 
-    def __init__(self, stages: list[Stage]):
+    def __init__(self, stages: list[Stage], last: bool = False):
         # pyannote warns at import that torchcodec cannot load (no system FFmpeg): we never use it,
         # audio reaches every model in memory.
         warnings.filterwarnings("ignore", message=r"\s*torchcodec")
-        self.stages = stages
+        self.stages, self.last = stages, last
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
         chunks = _loads(batch)
@@ -77,6 +79,8 @@ class StageWorker:
             chunks = stage.process_batch(chunks)
             for chunk in chunks:
                 chunk.placement[stage.name] = where
+        if self.last:
+            return {"summary": [pickle.dumps(c.summary(), protocol=pickle.HIGHEST_PROTOCOL) for c in chunks]}
         return _dumps(chunks)
 
 
@@ -154,11 +158,11 @@ def plan_operators(stages: list[Stage], config: PipelineConfig, cluster: dict[st
     return ops
 
 
-def apply_operator(ds: "ray.data.Dataset", op: Operator, max_retries: int) -> "ray.data.Dataset":
+def apply_operator(ds: "ray.data.Dataset", op: Operator, max_retries: int, last: bool = False) -> "ray.data.Dataset":
     res = op.res
     common = dict(batch_size=res.batch_size, batch_format="numpy", num_cpus=res.cpus, num_gpus=res.gpus or None)
     if not res.uses_model:
-        worker = StageWorker(op.stages)
+        worker = StageWorker(op.stages, last)
         return ds.map_batches(lambda batch: worker(batch), max_retries=max_retries, **common)
     if op.min_actors == op.max_actors:
         # One chunk at a time per worker: a chunk is seconds to minutes of model work, so a queue
@@ -170,7 +174,7 @@ def apply_operator(ds: "ray.data.Dataset", op: Operator, max_retries: int) -> "r
         pool = ray.data.ActorPoolStrategy(min_size=op.min_actors, max_size=op.max_actors, max_tasks_in_flight_per_actor=2)
     return ds.map_batches(
         StageWorker,
-        fn_constructor_args=(op.stages,),
+        fn_constructor_args=(op.stages, last),
         compute=pool,
         memory=worker_memory(res),
         max_restarts=-1,  # the pool always gets its actor back; the bound is per task:
@@ -235,10 +239,10 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, addr
     ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris))
     ds = ds.map_batches(_decode(decode), batch_size=1, num_cpus=decode.resources().cpus, max_retries=max_retries)
     operators = plan_operators(stages, config, ray.cluster_resources())
-    for op in operators:
-        ds = apply_operator(ds, op, max_retries)
+    for i, op in enumerate(operators):
+        ds = apply_operator(ds, op, max_retries, last=i == len(operators) - 1)
     for row in ds.iter_rows():
-        progress.update(pickle.loads(row["chunk"]))
+        progress.update(pickle.loads(row["summary"]))
     progress.finish()
     record_incomplete(OutputDir(config.write.output), uris, progress, max_retries)
     return {**progress.summary(), "operators": [op.describe() for op in operators]}
@@ -246,16 +250,15 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, addr
 
 def record_incomplete(out: OutputDir, uris: list[str], progress: Progress, max_retries: int) -> None:
     """An error record for each source whose chunks did not all come back; cleared once it completes."""
-    stale = set(out.list("errors", "-incomplete.jsonl"))  # one listing, not a lookup per input
+    stale = set(out.list("errors", INCOMPLETE_SUFFIX))  # one listing, not a lookup per input
     for uri in uris:
-        name = f"{source_id(uri)}-incomplete.jsonl"
-        rel = f"errors/{name}"
+        rel = incomplete_errors(source_id(uri))
         if uri in progress.done_sources:
-            if name in stale:
+            if rel.rsplit("/", 1)[-1] in stale:
                 out.fs.delete_file(out.path(rel))
             continue
         seen = sorted(progress.chunks_seen.get(uri, ()))
         record = ErrorRecord(uri, source_id(uri), "worker", "WorkerCrashed",
                              f"worker died {max_retries + 1} times; chunks completed: {seen}; rerun to retry")
-        out.write_bytes(rel, (json.dumps(asdict(record), sort_keys=True) + "\n").encode())
+        out.write_bytes(rel, error_lines([record]))
         progress.errors["WorkerCrashed"] += 1

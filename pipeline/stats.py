@@ -36,7 +36,7 @@ import numpy as np
 
 from pipeline.corpus import chunk_records, read_errors
 from stages.intervals import intersect, length, subtract, union
-from stages.write import OutputDir
+from stages.corpus_format import ChunkRecord, OutputDir
 
 STAGE_ORDER = ["decode", "vad", "diarize", "asr", "utterances", "filters:utterance", "windows", "filters:window", "tokenize", "write"]
 REASON_ORDER = {
@@ -77,8 +77,8 @@ def line_rank(stage: str, reason: str, level: str | None) -> tuple:
 Record = tuple  # (source_id, stage, reason, level, start, end)
 
 
-def funnel(chunks: list[dict], rejected: list[dict], manifest: list[dict], errors: list[dict]) -> dict[str, Any]:
-    """Hours in, attributed to exactly one line each (see the module doc), from row dicts.
+def funnel(chunks: list[ChunkRecord], rejected: list[dict], manifest: list[dict], errors: list[dict]) -> dict[str, Any]:
+    """Hours in, attributed to exactly one line each (see the module doc), from the chunk records and row dicts.
     Returns {input_hours, lines: [{line, hours, records}], kept_hours, unaccounted_hours, ...}."""
     recs = [(r["source_id"], r["stage"], r["reason"], r.get("level"), r["start"], r["end"]) for r in rejected]
     kept: dict[tuple[str, int], tuple[list, list]] = defaultdict(lambda: ([], []))
@@ -90,7 +90,7 @@ def funnel(chunks: list[dict], rejected: list[dict], manifest: list[dict], error
     return _funnel(chunks, recs, kept, errors)
 
 
-def _funnel(chunks: list[dict], recs: list[Record], kept: dict[tuple[str, int], tuple[list, list]], errors: list[dict]) -> dict[str, Any]:
+def _funnel(chunks: list[ChunkRecord], recs: list[Record], kept: dict[tuple[str, int], tuple[list, list]], errors: list[dict]) -> dict[str, Any]:
     error_stage: dict[tuple[str, int], str] = {}
     for e in errors:
         if e.get("chunk") is not None:
@@ -98,8 +98,8 @@ def _funnel(chunks: list[dict], recs: list[Record], kept: dict[tuple[str, int], 
     # Records to chunks by time (the chunks of a source tile its timeline, so a record needs no
     # chunk index); kept windows and utterance spans come keyed by (source, chunk).
     starts: dict[str, list[float]] = defaultdict(list)
-    for c in sorted(chunks, key=lambda c: (c["source_id"], c["offset"])):
-        starts[c["source_id"]].append(c["offset"])
+    for c in sorted(chunks, key=lambda c: (c.source_id, c.offset)):
+        starts[c.source_id].append(c.offset)
     by_chunk: dict[tuple[str, float], list[Record]] = defaultdict(list)
     records: Counter[str] = Counter()
     ranks: dict[str, tuple] = {}
@@ -124,23 +124,23 @@ def _funnel(chunks: list[dict], recs: list[Record], kept: dict[tuple[str, int], 
     seconds: Counter[str] = Counter()
     total_in, unknown = 0.0, 0
     for c in chunks:
-        a, b = c["offset"], c["offset"] + c["duration"]
-        total_in += c["duration"]
-        if c["duration"] <= 0:
-            unknown += bool(c.get("failed"))  # e.g. a file that could not be decoded at all
+        a, b = c.offset, c.offset + c.duration
+        total_in += c.duration
+        if c.duration <= 0:
+            unknown += c.failed  # e.g. a file that could not be decoded at all
             continue
-        if c.get("failed"):
-            key = f"error:{error_stage.get((c['source_id'], c['chunk']), 'unknown')}"
-            seconds[key] += c["duration"]
+        if c.failed:
+            key = f"error:{error_stage.get((c.source_id, c.chunk), 'unknown')}"
+            seconds[key] += c.duration
             ranks.setdefault(key, (-2,))
             records[key] += 1
             continue
-        windows, spans = kept.get((c["source_id"], c["chunk"]), ((), ()))
+        windows, spans = kept.get((c.source_id, c.chunk), ((), ()))
         windows = union([(max(a, s), min(b, e)) for s, e in windows])
         taken = union([(max(a, s), min(b, e)) for s, e in spans])
         seconds["kept"] += length(taken)
         by_line: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        for key, s, e in by_chunk.get((c["source_id"], c["offset"]), ()):
+        for key, s, e in by_chunk.get((c.source_id, c.offset), ()):
             if e > a and s < b:
                 by_line[key].append((max(a, s), min(b, e)))
         for key in sorted(by_line, key=lambda k: ranks[k]):
@@ -292,12 +292,12 @@ def corpus_stats(root: str, values: bool = False) -> dict[str, Any]:
     text_chars, n_utts, frames = (float(np.nansum(_np(mt, c))) for c in ("text_chars", "utterances", "frames"))
     labels = _col(mt, "speaker_labels", [])
     result = {
-        "sources": len({c["uri"] for c in chunks}),
-        "failed_sources": len({c["uri"] for c in chunks if c["failed"]}),
+        "sources": len({c.uri for c in chunks}),
+        "failed_sources": len({c.uri for c in chunks if c.failed}),
         "chunks": len(chunks),
         "shards": len(set(_col(mt, "shard"))),
         "samples": n,
-        "input_hours": sum(c["duration"] for c in chunks) / 3600,
+        "input_hours": sum(c.duration for c in chunks) / 3600,
         "audio_hours": float(np.nansum(_np(mt, "duration"))) / 3600,
         "speech_hours": float(np.nansum(_np(mt, "speech_seconds"))) / 3600,
         "utterances": int(n_utts),

@@ -10,9 +10,12 @@ import hashlib
 import re
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from stages.corpus_format import ChunkRecord
 
 ANALYSIS_RATE = 16_000  # VAD, ASR, diarization
 CODEC_RATE = 24_000  # Mimi
@@ -182,6 +185,7 @@ class Chunk:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
     cpu_times: dict[str, float] = field(default_factory=dict)  # stage -> process CPU seconds
     placement: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> {node, actor}
+    committed: ChunkRecord | None = None  # the commit record, once the writer has written the chunk
     custom: dict[str, Any] = field(default_factory=dict)
     _duration: float | None = None  # kept when the audio is dropped
 
@@ -242,3 +246,22 @@ class Chunk:
     def done(self) -> bool:
         """Nothing left for later stages to do."""
         return self.failed or self.skipped
+
+    def summary(self) -> ChunkSummary:
+        """What the driver receives once the chain is done with this chunk, instead of the chunk."""
+        from stages.corpus_format import ChunkRecord  # the format is built on these records, not under them
+
+        return ChunkSummary(self.committed or ChunkRecord.of(self), self.committed is not None,
+                            self.timings, self.cpu_times, self.placement)
+
+
+@dataclass
+class ChunkSummary:
+    """A chunk at the end of the chain, as the driver sees it: its commit record (when the writer
+    could not commit it, the record it would have had, with nothing written) and where its time went."""
+
+    record: ChunkRecord
+    committed: bool
+    timings: dict[str, float]  # stage -> wall seconds
+    cpu_times: dict[str, float]  # stage -> process CPU seconds
+    placement: dict[str, dict[str, Any]]  # stage -> {node, actor}

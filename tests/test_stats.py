@@ -15,7 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.stats import PAUSES, corpus_stats, format_stats, funnel
+from stages.corpus_format import ChunkRecord
 from tests.conftest import run_cli
+
+
+def _chunk(chunk, offset, duration, failed=False):
+    return ChunkRecord("s", "u", chunk, False, offset, duration, 150.0, None, 0, 0, 0, 0, 0, [], failed, None, None)
 
 
 def _rej(stage, reason, start, end, level="utterance"):
@@ -23,10 +28,7 @@ def _rej(stage, reason, start, end, level="utterance"):
 
 
 def test_funnel_attributes_every_second_once_in_pipeline_order():
-    chunks = [
-        {"source_id": "s", "uri": "u", "chunk": 0, "offset": 0.0, "duration": 100.0, "failed": False},
-        {"source_id": "s", "uri": "u", "chunk": 1, "offset": 100.0, "duration": 50.0, "failed": True},
-    ]
+    chunks = [_chunk(0, 0.0, 100.0), _chunk(1, 100.0, 50.0, failed=True)]
     errors = [{"source_id": "s", "chunk": 1, "stage": "asr", "error_type": "RuntimeError"}]
     manifest = [{"source_id": "s", "chunk": 0, "start": 10.0, "end": 30.0, "utterance_quality": [{"start": 10.0, "end": 15.0}, {"start": 16.0, "end": 30.0}]}]
     rejected = [
@@ -54,7 +56,7 @@ def test_funnel_attributes_every_second_once_in_pipeline_order():
 
 
 def test_funnel_shows_time_no_record_claims():
-    chunks = [{"source_id": "s", "uri": "u", "chunk": 0, "offset": 0.0, "duration": 10.0, "failed": False}]
+    chunks = [_chunk(0, 0.0, 10.0)]
     f = funnel(chunks, [_rej("vad", "non_speech", 0.0, 4.0, "region")], [], [])
     assert f["unaccounted_hours"] * 3600 == pytest.approx(6.0)
     assert f["total_hours"] == pytest.approx(f["input_hours"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from stages.corpus_format import CODES, JSON, Sample
 from train import data, loop, loss
 from train.cli import train as train_cmd
 from train.config import load_config, parse_sets
@@ -53,11 +54,11 @@ def test_rows_layout_text_audio_end_of_audio(corpus):
     cfg = _cfg(corpus)
     tok = data.load_tokenizer(cfg.data.tokenizer)
     raw = make_sample(np.random.default_rng(5), "k", released=True, utterances=(2, 2), frames=(3, 3))
-    meta = json.loads(raw["json"])
-    codes = np.load(io.BytesIO(raw["codes.npy"]))
-    tokens, mask = data.build_rows(meta, codes, tok, cfg.data, N)
-    u0 = meta["utterances"][0]
-    ids = [tok.bos_token_id, *tok.encode(f"[0]{u0['text']}", add_special_tokens=False), tok.eos_token_id]
+    sample = Sample.from_json(raw[JSON])
+    codes = np.load(io.BytesIO(raw[CODES]))
+    tokens, mask = data.build_rows(sample, codes, tok, cfg.data, N)
+    u0 = sample.utterances[0]
+    ids = [tok.bos_token_id, *tok.encode(f"[0]{u0.text}", add_special_tokens=False), tok.eos_token_id]
     n = len(ids)
     assert tokens[:n, N].tolist() == ids and mask[:n, N].all() and not mask[:n, :N].any()
     np.testing.assert_array_equal(tokens[n : n + 3, :N], codes[:, 0:3].T)
@@ -67,7 +68,7 @@ def test_rows_layout_text_audio_end_of_audio(corpus):
     assert tok.decode(tokens[n + 5 : n + 8, N].tolist()).replace(" ", "").startswith("[1]")
     # Cropping keeps whole utterances.
     cfg.data.seq_len = n + 4 + 2
-    tokens, _ = data.build_rows(meta, codes, tok, cfg.data, N)
+    tokens, _ = data.build_rows(sample, codes, tok, cfg.data, N)
     assert len(tokens) == n + 4
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import logging
 import random
 import tarfile
@@ -21,6 +20,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from stages.corpus_format import CODES, JSON, Sample
 from train.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -80,22 +80,21 @@ def list_shards(shards_dir: str | Path, eval_shards: int) -> tuple[list[str], li
     return (shards[:-eval_shards], shards[-eval_shards:]) if eval_shards else (shards, [])
 
 
-def check_codec(meta: dict, allow_unreleased: bool, where: str) -> None:
-    codec = meta.get("codec") or {}
-    if not codec.get("released", False) and not allow_unreleased:
-        raise ValueError(UNRELEASED_MSG.format(where=where, weights=codec.get("weights")))
+def check_codec(sample: Sample, allow_unreleased: bool, where: str) -> None:
+    if not sample.codec.get("released", False) and not allow_unreleased:
+        raise ValueError(UNRELEASED_MSG.format(where=where, weights=sample.codec.get("weights")))
 
 
 def preflight(shards: list[str], allow_unreleased: bool) -> None:
     """Read the first sample's json of each shard, so a bad corpus fails before training starts."""
     for shard in shards:
         with tarfile.open(shard) as tar:
-            member = next((m for m in tar if m.name.endswith(".json")), None)
+            member = next((m for m in tar if m.name.endswith(f".{JSON}")), None)
             if member is not None:
-                check_codec(json.load(tar.extractfile(member)), allow_unreleased, shard)
+                check_codec(Sample.from_json(tar.extractfile(member).read()), allow_unreleased, shard)
 
 
-def build_rows(meta: dict, codes: np.ndarray, tokenizer, cfg: DataConfig, num_codebooks: int):
+def build_rows(sample: Sample, codes: np.ndarray, tokenizer, cfg: DataConfig, num_codebooks: int):
     """One sample -> (tokens int64 [T, N+1], mask bool [T, N+1]), cropped to cfg.seq_len at an
     utterance boundary (the first utterance alone is truncated if it does not fit)."""
     N = num_codebooks
@@ -103,11 +102,11 @@ def build_rows(meta: dict, codes: np.ndarray, tokenizer, cfg: DataConfig, num_co
         raise ValueError(f"codes.npy has shape {codes.shape}, need [>= {N}, frames]")
     speakers: dict = {}
     segments, total = [], 0
-    for utt in meta["utterances"]:
-        spk = speakers.setdefault(utt["speaker"], len(speakers)) if cfg.speaker_ids == "index" else utt["speaker"]
-        ids = tokenizer.encode(f"[{spk}]{utt['text']}", add_special_tokens=False)
+    for utt in sample.utterances:
+        spk = speakers.setdefault(utt.speaker, len(speakers)) if cfg.speaker_ids == "index" else utt.speaker
+        ids = tokenizer.encode(f"[{spk}]{utt.text}", add_special_tokens=False)
         ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
-        begin, end = utt["frames"]
+        begin, end = utt.frames
         n_text, n_audio = len(ids), end - begin + 1
         seg = np.zeros((n_text + n_audio, N + 1), dtype=np.int64)
         mask = np.zeros_like(seg, dtype=bool)
@@ -144,10 +143,10 @@ class SampleDecoder:
         self.tokenizer, self.cfg, self.N = tokenizer, cfg, num_codebooks
 
     def __call__(self, raw: dict) -> dict:
-        meta = json.loads(raw["json"])
-        check_codec(meta, self.cfg.allow_unreleased_codec, f"{raw.get('__url__')} sample {raw['__key__']}")
-        codes = np.load(io.BytesIO(raw["codes.npy"]), allow_pickle=False)
-        tokens, mask = build_rows(meta, codes, self.tokenizer, self.cfg, self.N)
+        sample = Sample.from_json(raw[JSON])
+        check_codec(sample, self.cfg.allow_unreleased_codec, f"{raw.get('__url__')} sample {raw['__key__']}")
+        codes = np.load(io.BytesIO(raw[CODES]), allow_pickle=False)
+        tokens, mask = build_rows(sample, codes, self.tokenizer, self.cfg, self.N)
         return {"key": raw["__key__"], "tokens": tokens, "mask": mask}
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
+
+from stages.corpus_format import CODES, JSON, ChunkFiles, Sample, SampleUtterance, SourceInfo, chunk_name, sample_key
 
 WORDS = "hello there how are you doing today fine thanks and what about the weather yes no maybe okay".split()
 
@@ -29,30 +30,30 @@ def tiny_tokenizer(out_dir: str | Path):
 
 def make_sample(rng: np.random.Generator, key: str, released: bool, num_codebooks: int = 32,
                 utterances: tuple[int, int] = (2, 4), frames: tuple[int, int] = (4, 16)) -> dict:
+    """Raw WebDataset members of one random sample (what `wds.TarWriter` writes)."""
     utts, begin = [], 0
     for i in range(int(rng.integers(*utterances, endpoint=True))):
         n = int(rng.integers(*frames, endpoint=True))
         text = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 6))))
-        utts.append({"speaker": f"SPEAKER_0{i % 2}", "start": begin * 0.08, "end": (begin + n) * 0.08,
-                     "text": text, "channel": 0, "frames": [begin, begin + n], "avg_logprob": -0.2,
-                     "no_speech_prob": 0.01, "overlap": 0.0})
+        utts.append(SampleUtterance(f"SPEAKER_0{i % 2}", begin * 0.08, (begin + n) * 0.08, text, 0, (begin, begin + n),
+                                    -0.2, 0.01, 0.0))
         begin += n
     codes = rng.integers(0, 2048, size=(num_codebooks, begin)).astype(np.int16)
-    meta = {
-        "source": {"uri": f"file:///{key}.wav", "id": key, "duration": begin * 0.08, "sample_rate": 24000, "channels": 1},
-        "start": 0.0, "end": begin * 0.08, "language": "en", "utterances": utts,
-        "codec": {"name": "mimi", "num_codebooks": num_codebooks, "frame_rate": 12.5, "sample_rate": 24000,
-                  "weights": "kyutai/moshiko-pytorch-bf16" if released else None, "released": released},
-        "diarizer": "synthetic", "quality": {},
-    }
+    sample = Sample(
+        key=key, source=SourceInfo(f"file:///{key}.wav", key, begin * 0.08, 24000, 1), chunk=0,
+        start=0.0, end=begin * 0.08, language="en", utterances=utts,
+        codec={"name": "mimi", "num_codebooks": num_codebooks, "frame_rate": 12.5, "sample_rate": 24000,
+               "weights": "kyutai/moshiko-pytorch-bf16" if released else None, "released": released},
+        diarizer={"name": "synthetic"}, quality={},
+    )
     buf = io.BytesIO()
     np.save(buf, codes, allow_pickle=False)
-    return {"__key__": key, "json": json.dumps(meta).encode(), "codes.npy": buf.getvalue()}
+    return {"__key__": key, JSON: sample.to_json(), CODES: buf.getvalue()}
 
 
 def make_shards(out_dir: str | Path, n_shards: int = 3, per_shard: int = 8, released: bool = False,
                 seed: int = 0, **sample_kw) -> Path:
-    """OUT/shards/shard-<source>-<chunk>.tar with `per_shard` random samples each."""
+    """OUT/shards/ as the pipeline lays it out, `n_shards` shards of `per_shard` random samples each."""
     import webdataset as wds
 
     rng = np.random.default_rng(seed)
@@ -60,7 +61,7 @@ def make_shards(out_dir: str | Path, n_shards: int = 3, per_shard: int = 8, rele
     shard_dir.mkdir(parents=True, exist_ok=True)
     for s in range(n_shards):
         source = f"synthetic-{s:010x}"
-        with wds.TarWriter(str(shard_dir / f"shard-{source}-0000.tar")) as w:
+        with wds.TarWriter(str(Path(out_dir) / ChunkFiles(chunk_name(source, 0)).shard)) as w:
             for k in range(per_shard):
-                w.write(make_sample(rng, f"{source}-c0000-w{k:04d}", released, **sample_kw))
+                w.write(make_sample(rng, sample_key(source, 0, k), released, **sample_kw))
     return Path(out_dir)

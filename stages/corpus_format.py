@@ -1,0 +1,311 @@
+"""The corpus on disk, owned here and nowhere else: the directory layout and names, the sample a
+shard holds (to_dict / from_dict), the manifest and rejection tables, the error lines and the chunk
+commit record. The writer (stages/write.py) makes it; pipeline/ (resume, progress, stats) and
+train/ read it through these types. docs/output-format.md says the same in prose.
+
+Nothing here imports a model or a stage: the trainer reads samples with it alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    from stages.records import Chunk
+
+SUBDIRS = ("shards", "manifest", "rejected", "errors", "chunks")
+CONFIG_FILE, RUN_FILE = "config.json", "run.json"
+# A sample's tar members are KEY.<suffix>; WebDataset hands them over under the suffix.
+JSON, CODES, AUDIO = "json", "codes.npy", "flac"
+
+
+# ----------------------------------------------------------------------------- names and paths
+
+
+def chunk_name(source_id: str, index: int) -> str:
+    return f"{source_id}-c{index:04d}"
+
+
+def sample_key(source_id: str, chunk: int, window: int) -> str:
+    """Unique per window and stable across runs; no dots (WebDataset splits member names at the first)."""
+    return f"{chunk_name(source_id, chunk)}-w{window:04d}"
+
+
+@dataclass(frozen=True)
+class ChunkFiles:
+    """Where one chunk's outputs go, relative to the corpus root. Names derive from the source id
+    and chunk index only, so a rerun writes the same names."""
+
+    name: str  # chunk_name(source_id, index)
+
+    @property
+    def shard_file(self) -> str:  # the manifest's `shard` column
+        return f"shard-{self.name}.tar"
+
+    @property
+    def shard(self) -> str:
+        return f"shards/{self.shard_file}"
+
+    @property
+    def manifest(self) -> str:
+        return f"manifest/shard-{self.name}.parquet"
+
+    @property
+    def rejected(self) -> str:
+        return f"rejected/{self.name}.parquet"
+
+    @property
+    def errors(self) -> str:
+        return f"errors/{self.name}.jsonl"
+
+    @property
+    def record(self) -> str:
+        return f"chunks/{self.name}.json"
+
+
+INCOMPLETE_SUFFIX = "-incomplete.jsonl"  # errors/<source id>-incomplete.jsonl: a source whose chunks did not all come back
+
+
+def incomplete_errors(source_id: str) -> str:
+    return f"errors/{source_id}{INCOMPLETE_SUFFIX}"
+
+
+class OutputDir:
+    """Atomic writes under a corpus root, local or any pyarrow.fs filesystem."""
+
+    def __init__(self, root: str):
+        from pyarrow import fs
+
+        if "://" in root:
+            self.fs, self.root = fs.FileSystem.from_uri(root)
+        else:
+            self.fs, self.root = fs.LocalFileSystem(), os.path.abspath(root)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def makedirs(self) -> None:
+        for sub in SUBDIRS:
+            self.fs.create_dir(self.path(sub), recursive=True)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        final = self.path(rel)
+        head, tail = final.rsplit("/", 1)
+        tmp = f"{head}/.tmp-{uuid.uuid4().hex[:8]}-{tail}"  # dot-prefixed: ignored by readers and globs
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, final)
+
+    def remove_temporaries(self) -> int:
+        """Delete `.tmp-*` files a killed run left behind (one writer per corpus at a time)."""
+        from pyarrow import fs
+
+        stale = [
+            i.path
+            for sub in SUBDIRS
+            for i in self.fs.get_file_info(fs.FileSelector(self.path(sub), allow_not_found=True))
+            if i.base_name.startswith(".tmp-")
+        ]
+        for path in stale:
+            self.fs.delete_file(path)
+        return len(stale)
+
+    def exists(self, rel: str) -> bool:
+        from pyarrow import fs
+
+        return self.fs.get_file_info(self.path(rel)).type != fs.FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def list(self, sub: str, suffix: str) -> list[str]:
+        from pyarrow import fs
+
+        infos = self.fs.get_file_info(fs.FileSelector(self.path(sub), allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.base_name.endswith(suffix) and not i.base_name.startswith("."))
+
+
+# ----------------------------------------------------------------------------- the sample (KEY.json)
+
+
+@dataclass
+class SourceInfo:
+    uri: str
+    id: str
+    duration: float  # seconds, as decoded
+    sample_rate: int  # native rate of the file
+    channels: int
+
+
+@dataclass
+class SampleUtterance:
+    speaker: str
+    start: float  # seconds from the source start
+    end: float
+    text: str
+    channel: int
+    frames: tuple[int, int]  # [begin, end) into KEY.codes.npy
+    avg_logprob: float
+    no_speech_prob: float
+    overlap: float  # seconds during which another speaker also talks
+    words: list[dict[str, Any]] | None = None  # {text, start, end, score}; only with word timestamps
+
+
+@dataclass
+class Sample:
+    """KEY.json: one training window of consecutive utterances; its codes are KEY.codes.npy."""
+
+    key: str
+    source: SourceInfo
+    chunk: int
+    start: float
+    end: float
+    language: str
+    utterances: list[SampleUtterance]
+    codec: dict[str, Any]  # identity of the codec (name, weights, released, ...)
+    diarizer: dict[str, Any]  # identity of what attributed the speakers
+    quality: dict[str, Any]  # conversation facts and filter metrics (also manifest columns)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for u in d["utterances"]:
+            u["frames"] = list(u["frames"])
+            if u["words"] is None:
+                del u["words"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Sample:
+        utts = [SampleUtterance(**{**u, "frames": tuple(u["frames"])}) for u in d["utterances"]]
+        return cls(**{**d, "source": SourceInfo(**d["source"]), "utterances": utts})
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Sample:
+        return cls.from_dict(json.loads(data))
+
+
+# ----------------------------------------------------------------------------- tables
+
+# Declared column types: a part where a column happens to be all null (a chunk whose rejections
+# carry no metric) must still read back as that type next to the other parts (pyarrow and pandas
+# refuse a directory whose parts disagree). Columns not declared here (the filters' metrics) keep
+# the type their values have.
+
+
+@functools.cache
+def manifest_schema():
+    import pyarrow as pa
+
+    f64, i64, s = pa.float64(), pa.int64(), pa.string()
+    return pa.schema([
+        ("key", s), ("shard", s), ("source_id", s), ("source_uri", s), ("chunk", i64), ("start", f64), ("end", f64),
+        ("duration", f64), ("frames", i64), ("language", s), ("speaker_labels", pa.list_(s)),
+        ("utterances", i64), ("speakers", i64), ("turns", i64), ("speech_seconds", f64), ("overlap_seconds", f64),
+        ("mean_gap", f64), ("avg_logprob", f64), ("no_speech_prob", f64), ("text_chars", i64),
+    ])
+
+
+@functools.cache
+def rejection_schema():
+    import pyarrow as pa
+
+    f64, s = pa.float64(), pa.string()
+    return pa.schema([
+        ("source_id", s), ("stage", s), ("reason", s), ("start", f64), ("end", f64), ("metric", f64), ("key", s),
+        ("level", s), ("duration", f64), ("uri", s),
+    ])
+
+
+def manifest_row(sample: Sample, frames: int) -> dict[str, Any]:
+    """A sample's manifest row: where it is, and its quality facts as columns."""
+    return {
+        "key": sample.key, "shard": ChunkFiles(chunk_name(sample.source.id, sample.chunk)).shard_file,
+        "source_id": sample.source.id, "source_uri": sample.source.uri, "chunk": sample.chunk,
+        "start": sample.start, "end": sample.end, "duration": sample.end - sample.start, "frames": frames,
+        "language": sample.language, "speaker_labels": sorted({u.speaker for u in sample.utterances}),
+        **sample.quality,
+    }
+
+
+def rejection_rows(rejections: Iterable[Any], uri: str) -> list[dict[str, Any]]:
+    """records.Rejection -> rows of rejected/*.parquet."""
+    return [{**asdict(r), "duration": r.duration, "uri": uri} for r in rejections]
+
+
+def parquet_bytes(rows: list[dict[str, Any]], schema) -> bytes:
+    """Rows as a parquet file, the declared columns cast to their declared types."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows)
+    declared = {f.name: f for f in schema}
+    table = table.cast(pa.schema([declared.get(f.name, f) for f in table.schema]))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def error_lines(records: Iterable[Any]) -> bytes:
+    """records.ErrorRecord -> errors/*.jsonl, one JSON object a line."""
+    return "".join(json.dumps(asdict(e), sort_keys=True) + "\n" for e in records).encode()
+
+
+def read_error_lines(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in data.decode().splitlines() if line]
+
+
+# ----------------------------------------------------------------------------- the commit record
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """chunks/<name>.json, written after everything it refers to: its presence commits the chunk.
+    A source is complete when its chunks 0..last all have one (resume skips it)."""
+
+    source_id: str
+    uri: str
+    chunk: int
+    last: bool  # the source's final chunk
+    offset: float  # seconds from the source start
+    duration: float  # decoded seconds in this chunk (the funnel's input)
+    source_duration: float
+    shard: str | None  # shard file name, None when no sample was kept
+    samples: int
+    utterances: int
+    frames: int
+    kept_seconds: float  # window seconds in the shard
+    rejected: int  # rejection records
+    errors: list[str]  # error types, warnings included
+    failed: bool
+    codec: dict[str, Any] | None
+    diarizer: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, chunk: Chunk, shard: str | None = None, rows: list[dict[str, Any]] = ()) -> ChunkRecord:
+        """The record of `chunk` whose manifest `rows` went to `shard` (none: nothing written)."""
+        return cls(
+            source_id=chunk.recording.id, uri=chunk.recording.uri, chunk=chunk.index, last=chunk.last,
+            offset=chunk.offset, duration=chunk.duration, source_duration=chunk.recording.duration,
+            shard=shard, samples=len(rows), utterances=sum(r["utterances"] for r in rows),
+            frames=sum(r["frames"] for r in rows), kept_seconds=sum(r["duration"] for r in rows),
+            rejected=len(chunk.rejected), errors=[e.error_type for e in chunk.errors + chunk.warnings],
+            failed=chunk.failed, codec=chunk.codec or None, diarizer=chunk.diarizer or None,
+        )
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ChunkRecord:
+        d = json.loads(data)
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
