@@ -34,9 +34,9 @@ def main() -> None:
     from stages.base import process_cpu_seconds
     from stages.decode import DecodeStage
 
-    config = load_config([], [f"{s}.cpus={args.threads}" for s in ("vad", "diarize", "asr", "tokenize")] + ["tokenize.allow_unreleased=true", *args.set])
     work = Path(tempfile.mkdtemp(prefix="csm-stages-"))
-    config.write.output = str(work / "out")
+    config = load_config([], [f"{s}.cpus={args.threads}" for s in ("vad", "diarize", "asr", "tokenize")] + ["tokenize.allow_unreleased=true", *args.set],
+                         {"write": {"output": str(work / "out")}})
     inputs = make_inputs(Path(tempfile.gettempdir()) / "csm-bench" / "inputs", args.inputs)
 
     decode = DecodeStage(config.decode)

@@ -38,11 +38,10 @@ def run(inputs, output, config_files, sets, address, allow_config_change) -> Non
     embedded = not inputs
     files = ([str(CONFIG_DIR / "embedded.yaml")] if embedded else []) + list(config_files)
     try:
-        config = load_config(files, list(sets))
+        config = load_config(files, list(sets), {"write": {"output": output}})
         found = expand_inputs(list(inputs) or embedded_default())
     except (ConfigError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from exc
-    config.write.output = output
     out = OutputDir(output)
     out.makedirs()
     out.remove_temporaries()

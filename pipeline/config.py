@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-from pipeline.overrides import ConfigError, apply_overrides, parse_sets, read_yaml  # noqa: F401 (ConfigError re-exported)
+from stages.overrides import ConfigError, parse_sets, read_yaml, with_overrides  # noqa: F401 (ConfigError re-exported)
 from stages.asr import AsrConfig
 from stages.decode import DecodeConfig
 from stages.diarize import DiarizeConfig
@@ -23,7 +23,7 @@ from stages.write import WriteConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     num_cpus: int | None = None  # local Ray only; None: cores + 1, or 2 x cores for a pool per stage (fuse_stages=false, num_gpus)
     # One actor pool running every stage after decode (None: when the cluster has no GPU), with
@@ -35,7 +35,7 @@ class RunConfig:
     max_task_retries: int = 3  # a worker that dies is retried this many times, then the input is an error
 
 
-@dataclass
+@dataclass(frozen=True)
 class PipelineConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     vad: VadConfig = field(default_factory=VadConfig)
@@ -49,12 +49,12 @@ class PipelineConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def load_config(files: list[str | Path] = (), sets: list[str] = ()) -> PipelineConfig:
+def load_config(files: list[str | Path] = (), sets: list[str] = (), overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Defaults, then each YAML file, then `--set` items, then `overrides` (a nested mapping)."""
     config = PipelineConfig()
     for f in files:
-        apply_overrides(config, read_yaml(f))
-    apply_overrides(config, parse_sets(sets))
-    return config
+        config = with_overrides(config, read_yaml(f))
+    return with_overrides(with_overrides(config, parse_sets(sets)), overrides or {})
 
 
 def to_dict(config: Any) -> dict[str, Any]:

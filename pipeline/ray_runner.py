@@ -12,7 +12,7 @@ import logging
 import os
 import pickle
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -209,13 +209,12 @@ def init_ray(address: str | None, config: PipelineConfig) -> None:
     ray.init(num_cpus=num_cpus, num_gpus=config.run.num_gpus, include_dashboard=False, log_to_driver=True)
 
 
-def _use_gpus(config: PipelineConfig) -> None:
+def _use_gpus(config: PipelineConfig) -> PipelineConfig:
     """Put the model stages on GPUs when the cluster has some and the config left them on CPU."""
     if ray.cluster_resources().get("GPU", 0) <= 0:
-        return
-    for stage_cfg in (config.asr, config.tokenize, config.diarize):
-        if getattr(stage_cfg, "gpus", None) == 0.0:
-            stage_cfg.gpus = 0.3
+        return config
+    return replace(config, **{name: replace(getattr(config, name), gpus=0.3)
+                              for name in ("asr", "tokenize", "diarize") if getattr(config, name).gpus == 0.0})
 
 
 def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, address: str | None = None) -> dict[str, Any]:
@@ -229,7 +228,7 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, addr
     # block instead of failing the run, and the source is recorded as an error (record_incomplete).
     # Set before the dataset is built: a dataset copies the context when it is created.
     ctx.max_errored_blocks = -1
-    _use_gpus(config)
+    config = _use_gpus(config)
     decode = DecodeStage(config.decode)
     stages = build_stages(config)
     progress = Progress(len(uris), sum(sizes), dict(zip(uris, sizes)), config.run.progress_seconds)

@@ -24,7 +24,7 @@ class DecodeError(Exception):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodeConfig:
     chunk_seconds: float = 600.0  # bounds worker memory; a window never spans two chunks
     cut_search_seconds: float = 5.0  # look back this far from the boundary for a quiet point

@@ -29,7 +29,7 @@ from stages.diarizer import build_offline_pipeline, diarize_waveform, hub_token,
 from stages.records import Chunk, Region, Turn
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiarizeConfig:
     # Hub id or local directory of a pyannote pipeline (production: diarizer.COMMUNITY_PIPELINE).
     # None: the offline diarizer (whisperx's pyannote segmentation + resemblyzer).

@@ -50,7 +50,7 @@ PHANTOM_PHRASES = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class FiltersConfig:
     # --- utterance level (run before windows are formed) ---
     min_utterance_seconds: float = 0.3  # shorter: a blip, too short to carry a turn

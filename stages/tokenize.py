@@ -25,7 +25,7 @@ class CodecUnavailable(RuntimeError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenizeConfig:
     weights: str | None = None  # local Mimi safetensors; None: the hub (kyutai/moshiko-pytorch-bf16)
     num_codebooks: int = 32

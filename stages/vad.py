@@ -11,7 +11,7 @@ from stages.base import Resources, Stage
 from stages.records import ANALYSIS_RATE, Chunk, Region
 
 
-@dataclass
+@dataclass(frozen=True)
 class VadConfig:
     threshold: float = 0.5
     min_speech_ms: int = 250

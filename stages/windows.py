@@ -26,7 +26,7 @@ from stages.records import Chunk, Rejection, Utterance, Window
 FRAME_RATE = 12.5  # Mimi frames per second
 
 
-@dataclass
+@dataclass(frozen=True)
 class WindowsConfig:
     max_positions: int = 2048  # text tokens + audio frames + end-of-audio frames
     chars_per_token: float = 3.5  # estimate for the Llama-3 tokenizer on English

@@ -39,7 +39,7 @@ from stages.corpus_format import (
 from stages.records import CODEC_RATE, Chunk, Window
 
 
-@dataclass
+@dataclass(frozen=True)
 class WriteConfig:
     output: str = ""  # corpus root (local path or URI); set by `pipeline run --output`
     keep_audio: bool = False  # also store each window's 24 kHz audio as KEY.flac

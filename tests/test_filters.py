@@ -242,12 +242,10 @@ def test_conversational_config_turns_on_min_speakers(tmp_path):
     import yaml
     from pathlib import Path
 
-    from pipeline.config import apply_overrides
+    from stages.overrides import with_overrides
 
     data = yaml.safe_load((Path(__file__).parent.parent / "configs" / "conversational.yaml").read_text())
-    cfg = FiltersConfig()
-    apply_overrides(cfg, data["filters"])
-    assert cfg.min_speakers == 2
+    assert with_overrides(FiltersConfig(), data["filters"]).min_speakers == 2
 
 
 # ----------------------------------------------------------------------------------- windows

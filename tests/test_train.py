@@ -1,5 +1,6 @@
 """Trainer: sample layout, targets, amortization, overfitting, exact resume, config, codec guard."""
 
+import dataclasses
 import io
 import json
 import os
@@ -67,7 +68,7 @@ def test_rows_layout_text_audio_end_of_audio(corpus):
     assert tokens[n + 4, N] == tok.bos_token_id  # next utterance's text; speaker renumbered to 1
     assert tok.decode(tokens[n + 5 : n + 8, N].tolist()).replace(" ", "").startswith("[1]")
     # Cropping keeps whole utterances.
-    cfg.data.seq_len = n + 4 + 2
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=n + 4 + 2))
     tokens, _ = data.build_rows(sample, codes, tok, cfg.data, N)
     assert len(tokens) == n + 4
 
@@ -132,8 +133,7 @@ def test_overfit_few_samples_both_losses_drop(tmp_path, corpus):
 
 
 def test_unreleased_codec_refused_without_flag(tmp_path, corpus):
-    cfg = _cfg(corpus)
-    cfg.data.allow_unreleased_codec = False
+    cfg = _cfg(corpus, **{"data.allow_unreleased_codec": False})
     urls, _ = data.list_shards(corpus / "data", 1)
     with pytest.raises(ValueError, match="allow_unreleased_codec"):
         data.preflight(urls, False)

@@ -1,5 +1,7 @@
 """Our CSM computes what transformers' CsmForConditionalGeneration computes, given its weights."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -104,13 +106,10 @@ def test_load_hf_weights_from_saved_transformers_checkpoint(tmp_path):
 
     hf = _hf_model(LLAMA3)
     hf.save_pretrained(tmp_path / "csm")  # safetensors + config.json, as sesame/csm-1b is published
-    cfg = Config()
-    cfg.model.flavour, cfg.model.text_vocab_size, cfg.model.max_seq_len = "tiny", TEXT_V, 64
-    cfg.model.rope_scaling, cfg.model.init_from = LLAMA3, str(tmp_path / "csm")
-    ours = build_model(cfg).eval()
+    model = ModelConfig(flavour="tiny", text_vocab_size=TEXT_V, max_seq_len=64, rope_scaling=LLAMA3, init_from=str(tmp_path / "csm"))
+    ours = build_model(Config(model=model)).eval()
     expected = map_hf_state_dict(hf.state_dict())
     for name, value in ours.state_dict().items():
         torch.testing.assert_close(value, expected[name], msg=name)
-    cfg.model.rope_scaling = None  # a mismatched RoPE must not load silently
-    with pytest.raises(ValueError, match="rope_scaling"):
-        build_model(cfg)
+    with pytest.raises(ValueError, match="rope_scaling"):  # a mismatched RoPE must not load silently
+        build_model(Config(model=dataclasses.replace(model, rope_scaling=None)))

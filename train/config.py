@@ -1,4 +1,4 @@
-"""Trainer configuration: dataclasses with defaults, overridden by a YAML file and `key=value` pairs.
+"""Trainer configuration: frozen dataclasses with defaults, overridden by a YAML file and `key=value` pairs.
 
 Overrides are strict: an unknown key is an error, so a typo never silently trains with a default.
 """
@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pipeline.overrides import apply_overrides, parse_sets, read_yaml  # noqa: F401 (parse_sets re-exported)
+from stages.overrides import parse_sets, read_yaml, with_overrides  # noqa: F401 (parse_sets re-exported)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     flavour: str = "tiny"  # backbone/decoder pair: tiny, 1B (1B/100M), 3B (3B/250M), 8B (8B/300M)
     backbone: str | None = None  # override one side of the pair by flavour name, e.g. "1B"
@@ -35,7 +35,7 @@ class ModelConfig:
     init_from: str | None = None  # transformers-format CSM weights: local dir or hub id (e.g. sesame/csm-1b)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     tokenizer: str = "meta-llama/Llama-3.2-1B"  # hub id or local path (dir or tokenizer.json)
     seq_len: int = 2048
@@ -48,7 +48,7 @@ class DataConfig:
     allow_unreleased_codec: bool = False  # codes from a Mimi without released weights are noise
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
     grad_accum: int = 1
@@ -72,12 +72,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     mode: str = "auto"  # auto (ddp when WORLD_SIZE > 1), none, ddp, fsdp
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -91,9 +91,9 @@ class Config:
 def load_config(path: str | None = None, overrides: dict | None = None) -> Config:
     cfg = Config()
     if path:
-        apply_overrides(cfg, read_yaml(path))
+        cfg = with_overrides(cfg, read_yaml(path))
     if overrides:
-        apply_overrides(cfg, overrides)
+        cfg = with_overrides(cfg, overrides)
     if not 0 < cfg.train.decoder_fraction <= 1:
         raise ValueError("train.decoder_fraction must be in (0, 1]")
     if cfg.data.seq_len > cfg.model.max_seq_len:

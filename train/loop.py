@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -13,19 +14,24 @@ from pathlib import Path
 import torch
 
 from train import checkpoint, data, loss, parallel
-from train.config import Config, TrainConfig
+from train.config import Config, ModelConfig, TrainConfig
 from train.model import CSM, load_hf_weights
 
 log = logging.getLogger("train")
 
 
+def model_config(cfg: ModelConfig, tokenizer=None) -> ModelConfig:
+    """`cfg` with text_vocab_size resolved: unset, the tokenizer's size rounded up to 64."""
+    if cfg.text_vocab_size is None:
+        return dataclasses.replace(cfg, text_vocab_size=math.ceil(len(tokenizer) / 64) * 64)
+    if tokenizer is not None and len(tokenizer) > cfg.text_vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens > model.text_vocab_size {cfg.text_vocab_size}")
+    return cfg
+
+
 def build_model(cfg: Config, tokenizer=None) -> CSM:
-    if cfg.model.text_vocab_size is None:
-        cfg.model.text_vocab_size = math.ceil(len(tokenizer) / 64) * 64
-    elif tokenizer is not None and len(tokenizer) > cfg.model.text_vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens > model.text_vocab_size {cfg.model.text_vocab_size}")
     torch.manual_seed(cfg.train.seed)  # same init on every rank
-    model = CSM(cfg.model)
+    model = CSM(model_config(cfg.model, tokenizer))
     if cfg.model.init_from:
         load_hf_weights(model, cfg.model.init_from)
     return model
@@ -162,6 +168,7 @@ def run(cfg: Config, shards_dir: str, run_dir: str, max_steps: int | None = None
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = data.load_tokenizer(cfg.data.tokenizer)
+    cfg = dataclasses.replace(cfg, model=model_config(cfg.model, tokenizer))  # what config.json and checkpoints record
     train_urls, eval_urls = data.list_shards(shards_dir, cfg.data.eval_shards)
     data.preflight(train_urls + eval_urls, cfg.data.allow_unreleased_codec)
 
