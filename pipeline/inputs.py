@@ -4,9 +4,12 @@ input URIs, through pyarrow.fs so object stores work when their filesystem is in
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = {
     ".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".wma", ".webm", ".mp4", ".mkv",
@@ -64,22 +67,35 @@ def _local_file(path: str) -> Input:
     return Input(p, size)
 
 
+def _expand(item: str) -> list[Input]:
+    if "://" in item:
+        return _remote(item)
+    if item.endswith(".txt") and os.path.isfile(item):
+        lines = [ln.strip() for ln in Path(item).read_text().splitlines()]
+        return expand_inputs([ln for ln in lines if ln and not ln.startswith("#")])
+    if any(ch in item for ch in "*?["):
+        return [i for match in sorted(glob.glob(item, recursive=True)) for i in _local(match)]
+    if os.path.exists(item) or os.path.islink(item):
+        return _local(item)
+    raise FileNotFoundError(f"input not found: {item}")
+
+
 def expand_inputs(items: list[str]) -> list[Input]:
     """Explicit files are always attempted (a bad one becomes a recorded error); directories
-    contribute only files with audio/video extensions. Duplicates are removed; order is sorted."""
+    contribute only files with audio/video extensions. Duplicates are removed; order is sorted.
+
+    A directory, glob or list that yields no audio file is an error when nothing else does, and a
+    warning when other inputs do (a typo in one of several globs should not go unnoticed)."""
     found: list[Input] = []
+    empty = []
     for item in items:
-        if "://" in item:
-            found += _remote(item)
-        elif item.endswith(".txt") and os.path.isfile(item):
-            lines = [ln.strip() for ln in Path(item).read_text().splitlines()]
-            found += expand_inputs([ln for ln in lines if ln and not ln.startswith("#")])
-        elif any(ch in item for ch in "*?["):
-            for match in sorted(glob.glob(item, recursive=True)):
-                found += _local(match)
-        elif os.path.exists(item) or os.path.islink(item):
-            found += _local(item)
-        else:
-            raise FileNotFoundError(f"input not found: {item}")
+        got = _expand(item)
+        if not got:
+            empty.append(item)
+        found += got
+    if empty and not found:
+        raise FileNotFoundError(f"no audio files in {', '.join(empty)} (extensions: {', '.join(sorted(AUDIO_EXTENSIONS))})")
+    for item in empty:
+        log.warning("no audio files in %s; going on with the other inputs", item)
     unique = {i.uri: i for i in found}
     return [unique[u] for u in sorted(unique)]

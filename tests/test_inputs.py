@@ -27,3 +27,17 @@ def test_files_directories_globs_and_lists(tmp_path):
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.wav"):
         expand_inputs([str(tmp_path / "nope.wav")])
+
+
+def test_inputs_without_audio_are_an_error_or_a_warning(tmp_path, caplog):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "readme.md").write_text("no audio here")
+    (tmp_path / "talk.wav").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="no audio files in .*docs"):
+        expand_inputs([str(tmp_path / "docs")])
+    with pytest.raises(FileNotFoundError, match=r"\*\.ogg"):
+        expand_inputs([str(tmp_path / "*.ogg")])
+    with caplog.at_level("WARNING"):
+        found = expand_inputs([str(tmp_path / "docs"), str(tmp_path / "talk.wav")])
+    assert [os.path.basename(i.uri) for i in found] == ["talk.wav"]
+    assert "no audio files in" in caplog.text and "docs" in caplog.text
