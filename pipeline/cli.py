@@ -93,9 +93,11 @@ def stats(directory: str, as_json: bool, report: str | None) -> None:
         click.echo(f"[csm-corpus] report: {report} ({len(pngs)} figures)", err=True)
 
 
-from train.cli import train  # noqa: E402  (registered after the group exists)
+from train.cli import export, generate, train  # noqa: E402  (registered after the group exists)
 
 main.add_command(train, name="train")
+main.add_command(export, name="export")
+main.add_command(generate, name="generate")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,7 +46,7 @@ def _cfg(corpus, **over):
 
 def _batch(shards_dir, cfg, n=4, start=0):
     tok = data.load_tokenizer(cfg.data.tokenizer)
-    urls, _ = data.list_shards(shards_dir, 1)
+    urls, _ = data.list_shards(shards_dir, 0.5)
     samples = data.eval_batches(urls, data.SampleDecoder(tok, cfg.data, cfg.model.num_codebooks), n + start, 1)[0]
     return {k: v[start:] for k, v in samples.items()}
 
@@ -96,16 +96,21 @@ def test_amortization_subset_size_changes_and_end_of_audio_is_target(corpus):
     cfg = _cfg(corpus)
     batch = _batch(corpus / "data", cfg)
     per_sample = batch["mask"][:, 1:, 0].sum(1)
+    is_eos = batch["mask"][..., 0] & (batch["tokens"][..., :N] == 0).all(-1)
+    eos_per_sample = is_eos[:, 1:].sum(1)
     subsets = []
     for step in range(4):
         p = loss.prepare(batch, 1 / 16, 0, step, N)
         b, t = p["dec_index"]
         counts = torch.bincount(b, minlength=len(per_sample))
-        expected = [max(1, round(int(n) / 16)) for n in per_sample]
-        assert counts.tolist() == expected and min(expected) >= 1
+        expected = [max(1, round(int(n - e) / 16)) + int(e) for n, e in zip(per_sample, eos_per_sample)]
+        assert counts.tolist() == expected
         assert p["dec_count"] == sum(expected) * (N - 1)
         assert batch["mask"][b, t, 0].all()  # audio frames only
-        subsets.append(set(zip(b.tolist(), t.tolist())))
+        # Every end-of-audio frame is a decoder target, every step: the decoder learns to stop.
+        chosen = set(zip(b.tolist(), t.tolist()))
+        assert set(zip(*[x.tolist() for x in is_eos.nonzero(as_tuple=True)])) <= chosen
+        subsets.append(chosen)
     assert len({frozenset(s) for s in subsets}) > 1  # a new subset each step
     assert loss.decoder_subset_size(3, 1 / 16) == 1 and loss.decoder_subset_size(64, 1 / 16) == 4
     # End-of-audio frames (all 32 codes 0) are codebook-0 targets, target 0.
@@ -134,16 +139,16 @@ def test_overfit_few_samples_both_losses_drop(tmp_path, corpus):
 
 def test_unreleased_codec_refused_without_flag(tmp_path, corpus):
     cfg = _cfg(corpus, **{"data.allow_unreleased_codec": False})
-    urls, _ = data.list_shards(corpus / "data", 1)
+    urls, _ = data.list_shards(corpus / "data", 0.5)
     with pytest.raises(ValueError, match="allow_unreleased_codec"):
-        data.preflight(urls, False)
+        data.preflight(urls, False, N, 2051)
     with pytest.raises(ValueError, match="released"):  # also per sample, inside the stream
         data.eval_batches(urls, data.SampleDecoder(data.load_tokenizer(cfg.data.tokenizer), cfg.data, N), 2, 1)
     result = CliRunner().invoke(train_cmd, [str(corpus / "data"), "--config", "configs/train/tiny.yaml",
                                             "--output", str(tmp_path / "run"), "--set", f"data.tokenizer={corpus / 'tok'}"])
     assert result.exit_code != 0 and "allow_unreleased_codec" in str(result.exception)
     released = make_shards(tmp_path / "ok", n_shards=2, per_shard=2, released=True)
-    data.preflight(data.list_shards(released, 1)[0], False)
+    data.preflight(data.list_shards(released, 0.5)[0], False, N, 2051)
 
 
 def test_config_overrides_strict(tmp_path):
@@ -166,24 +171,60 @@ def test_missing_tokenizer_names_the_config_key(tmp_path):
 def _cli(corpus, run_dir, *extra):
     args = [str(corpus / "data"), "--config", "configs/train/tiny.yaml", "--output", str(run_dir),
             "--set", f"data.tokenizer={corpus / 'tok'}", "--set", "data.allow_unreleased_codec=true",
-            "--set", "data.epoch_batches=3", "--set", "data.num_workers=2", "--set", "train.steps=6",
+            "--set", "data.epoch_batches=5", "--set", "data.num_workers=2", "--set", "train.steps=8",
             "--set", "train.eval_every=2", "--set", "train.ckpt_every=0", *extra]
     result = CliRunner().invoke(train_cmd, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
-def test_resume_gives_same_next_step_loss(tmp_path, corpus):
-    straight = _cli(corpus, tmp_path / "a", "--max-steps", "5")
-    _cli(corpus, tmp_path / "b", "--max-steps", "2")
-    resumed = _cli(corpus, tmp_path / "b", "--max-steps", "5", "--resume")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]  # appended to the first leg's records
-    for a, b in zip(straight[2:], resumed[2:]):  # steps 3..5 cross an epoch boundary (3 batches)
+def test_resume_at_odd_step_with_two_workers_gives_same_losses(tmp_path, corpus):
+    straight = _cli(corpus, tmp_path / "a", "--max-steps", "7")
+    _cli(corpus, tmp_path / "b", "--max-steps", "3")  # 3 batches into a 5-batch epoch, 2 workers
+    resumed = _cli(corpus, tmp_path / "b", "--max-steps", "7", "--resume")
+    assert [r["step"] for r in resumed] == list(range(1, 8))  # appended to the first leg's records
+    for a, b in zip(straight[3:], resumed[3:]):  # steps 4..7 cross an epoch boundary
         assert a["loss"] == b["loss"] and a["decoder_loss"] == b["decoder_loss"], (a, b)
     rec = straight[-1]
     for key in ("c0_loss", "decoder_loss", "lr", "frames_per_s", "tokens_per_s", "peak_mem_gb"):
         assert key in rec
-    assert "eval_loss" in straight[1] and os.path.exists(tmp_path / "a" / "checkpoints" / "latest")
+    assert os.path.exists(tmp_path / "a" / "checkpoints" / "latest")
+    evals = [r for r in straight if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    per_cb = [evals[0][f"eval_cb{k}_loss"] for k in range(N)]  # every codebook scored, on every frame
+    assert evals[0]["eval_c0_loss"] == per_cb[0]
+    assert abs(evals[0]["eval_decoder_loss"] - sum(per_cb[1:]) / (N - 1)) < 1e-9
+
+
+@pytest.mark.parametrize("start", [1, 3, 4])
+def test_batch_stream_resumes_at_any_position_with_two_workers(corpus, start):
+    cfg = _cfg(corpus, **{"data.epoch_batches": 5, "data.micro_batch_size": 1})
+    tok = data.load_tokenizer(cfg.data.tokenizer)
+    urls, _ = data.list_shards(corpus / "data", 0.0)
+
+    def keys(consumed, n):
+        stream = data.ShardStream(urls, data.SampleDecoder(tok, cfg.data, N), cfg.data, 7, 1)
+        it = data.BatchStream(stream, 2, consumed)
+        return [next(it)["keys"][0] for _ in range(n)]
+
+    straight = keys(0, 8)
+    assert keys(start, 8 - start) == straight[start:]
+
+
+def test_eval_sources_are_held_out_whole(tmp_path):
+    root = make_shards(tmp_path / "many", n_shards=20, per_shard=1)
+    train_urls, eval_urls = data.list_shards(root, 0.2)
+    assert eval_urls and train_urls
+    sources = [{data.shard_source(u) for u in urls} for urls in (train_urls, eval_urls)]
+    assert not sources[0] & sources[1] and len(sources[0] | sources[1]) == 20
+    # The split is by each sample's own source too, not only by file name.
+    cfg = load_config("configs/train/tiny.yaml")
+    read = [{Sample.from_json(s[JSON]).source.id
+             for s in data.wds.DataPipeline(data.wds.SimpleShardList(urls), data.wds.tarfile_to_samples())}
+            for urls in (train_urls, eval_urls)]
+    assert read == sources and cfg.data.eval_fraction > 0
+    assert data.list_shards(root, 0.2) == (train_urls, eval_urls)  # stable
+    assert data.list_shards(root, 0.0) == (sorted(train_urls + eval_urls), [])
 
 
 def test_activation_checkpointing_same_gradients(corpus):

@@ -31,7 +31,7 @@ model = parallel.parallelize(loop.build_model(cfg, tok), cfg, d)
 wrapped = {"ddp": hasattr(model, "no_sync"), "fsdp": hasattr(model, "set_requires_gradient_sync")}
 assert wrapped.get(mode, False) == (d.world > 1), (mode, type(model))
 opt, sch = loop.build_optimizer(model, cfg.train)
-urls, _ = data.list_shards(shards, 1)
+urls, _ = data.list_shards(shards, 0.5)
 batch = data.eval_batches(urls, data.SampleDecoder(tok, cfg.data, 32), 4, 1)[0]
 pick = lambda idx: {"tokens": batch["tokens"][idx], "mask": batch["mask"][idx], "keys": [batch["keys"][i] for i in idx]}
 micro = [pick([i]) for i in range(d.rank, 4, d.world)] if split == "split" else [pick([0, 1, 2, 3])]

@@ -5,8 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from train.config import ModelConfig
-from train.model import CSM, FLAVOURS, map_hf_state_dict, rope_frequencies
+from train.config import Config, ModelConfig
+from train.hf import _released_form, map_hf_state_dict
+from train.loop import build_model
+from train.model import CSM, FLAVOURS, rope_frequencies
 
 transformers = pytest.importorskip("transformers")
 
@@ -16,15 +18,22 @@ LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 16}
 
 
-def _hf_model(rope_scaling):
+# Sesame's llama3 scaling (our default) as transformers' conversion writes it for each stack: same
+# frequencies, different numbers (backbone original 1024 for 2048 positions, decoder 16 for 33).
+SESAME = ModelConfig().rope_scaling
+RELEASED = (_released_form(SESAME, 64), _released_form(SESAME, N + 1))
+
+
+def _hf_model(rope_scaling, decoder_scaling="same", text_vocab=TEXT_V):
     from transformers import CsmConfig, CsmForConditionalGeneration
 
     b, d = FLAVOURS["tiny"], FLAVOURS["tiny-decoder"]
     codec = {"model_type": "mimi"}  # built (randomly) by the reference; unused here
     dd = dict(num_codebooks=N, backbone_hidden_size=b.dim, vocab_size=V, hidden_size=d.dim,
               intermediate_size=d.ffn_dim, num_hidden_layers=d.n_layers, num_attention_heads=d.n_heads,
-              num_key_value_heads=d.n_kv_heads, max_position_embeddings=N, rope_scaling=rope_scaling)
-    cfg = CsmConfig(num_codebooks=N, vocab_size=V, text_vocab_size=TEXT_V, hidden_size=b.dim,
+              num_key_value_heads=d.n_kv_heads, max_position_embeddings=N + 1,
+              rope_scaling=rope_scaling if decoder_scaling == "same" else decoder_scaling)
+    cfg = CsmConfig(num_codebooks=N, vocab_size=V, text_vocab_size=text_vocab, hidden_size=b.dim,
                     intermediate_size=b.ffn_dim, num_hidden_layers=b.n_layers, num_attention_heads=b.n_heads,
                     num_key_value_heads=b.n_kv_heads, max_position_embeddings=64, rope_scaling=rope_scaling,
                     depth_decoder_config=dd, codec_config=codec, attn_implementation="eager")
@@ -58,7 +67,11 @@ def test_logits_equal_transformers_reference(rope_scaling):
     hf = _hf_model(rope_scaling)
     ours = CSM(ModelConfig(flavour="tiny", text_vocab_size=TEXT_V, max_seq_len=64, rope_scaling=rope_scaling)).eval()
     ours.load_state_dict(map_hf_state_dict(hf.state_dict()), strict=True)
+    assert_logits_equal(hf, ours)
 
+
+def assert_logits_equal(hf, ours):
+    """Backbone logits, codebook-0 logits and decoder logits of both models on the same rows."""
     tokens, mask = _rows()
     audio = mask[..., 0]
     with torch.no_grad():
@@ -100,10 +113,38 @@ def test_mapping_rejects_unknown_keys():
         map_hf_state_dict({"backbone_model.layers.0.self_attn.rotary.weight": torch.zeros(1)})
 
 
-def test_load_hf_weights_from_saved_transformers_checkpoint(tmp_path):
-    from train.config import Config
-    from train.loop import build_model
+def test_init_from_released_form_rope_scaling_logits_equal(tmp_path):
+    hf = _hf_model(*RELEASED)
+    hf.save_pretrained(tmp_path / "csm")
+    # Our defaults (flavour, sizes) differ from the checkpoint's: its config.json decides the architecture.
+    cfg = Config(model=ModelConfig(init_from=str(tmp_path / "csm"), max_seq_len=64))
+    ours = build_model(cfg).eval()
+    assert ours.cfg.backbone == "layers=2,dim=64,heads=4,kv_heads=2,ffn=128" and ours.cfg.text_vocab_size == TEXT_V
+    assert_logits_equal(hf, ours)
 
+
+def test_init_from_mismatches_fail_naming_key_and_numbers(tmp_path):
+    from train import data, loop
+    from train.testing import make_shards, tiny_tokenizer
+
+    hf = _hf_model(*RELEASED, text_vocab=8)
+    hf.save_pretrained(tmp_path / "csm")
+    tok = tiny_tokenizer(tmp_path / "tok")
+    model = ModelConfig(init_from=str(tmp_path / "csm"), max_seq_len=64)
+    with pytest.raises(ValueError, match=rf"data.tokenizer has {len(tok)} tokens > model.init_from .*text_vocab_size=8"):
+        loop.model_config(model, tok)
+    # The decoder's RoPE is checked too: a decoder scaling that is not Sesame's fails, naming the stack.
+    _hf_model(RELEASED[0], LLAMA3).save_pretrained(tmp_path / "bad")
+    with pytest.raises(ValueError, match="depth decoder"):
+        loop.model_config(dataclasses.replace(model, init_from=str(tmp_path / "bad")), tok)
+    shards = make_shards(tmp_path / "data", n_shards=1, per_shard=1, num_codebooks=16)
+    with pytest.raises(ValueError, match="model.num_codebooks=32 but shard .* holds 16 codebooks"):
+        data.preflight(data.list_shards(shards, 0)[0], True, 32, 2051)
+    with pytest.raises(ValueError, match="model.audio_vocab_size=1024 cannot hold the 2048 codes"):
+        data.preflight(data.list_shards(shards, 0)[0], True, 16, 1024)
+
+
+def test_load_hf_weights_from_saved_transformers_checkpoint(tmp_path):
     hf = _hf_model(LLAMA3)
     hf.save_pretrained(tmp_path / "csm")  # safetensors + config.json, as sesame/csm-1b is published
     model = ModelConfig(flavour="tiny", text_vocab_size=TEXT_V, max_seq_len=64, rope_scaling=LLAMA3, init_from=str(tmp_path / "csm"))

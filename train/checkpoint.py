@@ -96,3 +96,26 @@ def load(path: Path, d: Dist, model, optimizer, scheduler) -> dict:
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def find(run_dir: Path, step: int | None = None) -> Path:
+    """The checkpoint of `step`, or the latest one."""
+    root = Path(run_dir) / "checkpoints"
+    path = root / f"step-{step:07d}" if step is not None else latest(run_dir)
+    if path is None or not (path / "state.pt").exists():
+        have = sorted(p.name for p in root.glob("step-*")) if root.exists() else []
+        raise FileNotFoundError(f"no checkpoint {'step ' + str(step) if step is not None else ''} under {root} "
+                                f"(have: {', '.join(have) or 'none'})")
+    return path
+
+
+def load_run_model(run_dir: Path, step: int | None = None):
+    """(model in eval mode, the run's Config, checkpoint path) from a run directory."""
+    from train.config import load_config
+    from train.model import CSM
+
+    path = find(run_dir, step)
+    cfg = load_config(None, json.loads((path / "meta.json").read_text())["config"])
+    model = CSM(cfg.model)
+    model.load_state_dict(torch.load(path / "state.pt", map_location="cpu", weights_only=True)["model"])
+    return model.eval(), cfg, path

@@ -6,6 +6,7 @@ on several processes (see train/__main__.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -34,3 +35,72 @@ def train(shards_dir, config_file, run_dir, max_steps, resume, overrides):
     except (KeyError, TypeError, ValueError) as e:
         raise click.UsageError(str(e)) from e
     run(cfg, shards_dir, run_dir, max_steps=max_steps, resume=resume)
+
+
+@click.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="transformers-format directory to write.")
+def export(run_dir, step, output):
+    """Write RUN_DIR's checkpoint as a transformers CsmForConditionalGeneration directory."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from train.export import export as run_export
+
+    try:
+        summary = run_export(run_dir, output, step)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(f"[csm-corpus] exported {summary['checkpoint']} to {output} (codec weights: {summary['codec_weights']}, "
+               f"tokenizer: {summary['tokenizer']})", err=True)
+
+
+@click.command("generate")
+@click.argument("model")
+@click.option("--text", required=True, help='What to say, with the speaker: "[0]Hello there."')
+@click.option("--context", "contexts", multiple=True, metavar="KEY|TEXT|WAV",
+              help="Earlier turn, oldest first (repeatable): a corpus sample key (needs --shards), or "
+                   "'[1]what was said|path.wav'.")
+@click.option("--shards", type=click.Path(exists=True, file_okay=False), help="Corpus directory for context keys.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="WAV to write (24 kHz).")
+@click.option("--step", type=int, default=None, help="Checkpoint step of a run directory (default: the latest).")
+@click.option("--tokenizer", default=None, help="Text tokenizer (default: the run's, or the model directory's).")
+@click.option("--max-seconds", type=float, default=None)
+@click.option("--temperature", type=float, default=None, help="0: greedy.")
+@click.option("--top-k", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--mimi", "mimi_weights", default=None, help="Local Mimi safetensors (default: the hub's released file).")
+@click.option("--allow-unreleased-codec", is_flag=True,
+              help="Decode with the seeded random Mimi when the released one cannot be had (noise, marked).")
+def generate(model, text, contexts, shards, output, step, tokenizer, max_seconds, temperature, top_k, seed,
+             mimi_weights, allow_unreleased_codec):
+    """Speak TEXT with MODEL (a run directory, a transformers-format directory or a hub id) into a WAV."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from train import generate as gen
+    from train.config import GenerateConfig
+
+    g = GenerateConfig(**{k: v for k, v in dict(max_seconds=max_seconds, temperature=temperature, top_k=top_k,
+                                                  seed=seed).items() if v is not None})
+    try:
+        loaded = gen.load(model, step, tokenizer)
+        codec, codec_id = gen.load_codec(loaded.model.N, allow_unreleased_codec or loaded.allow_unreleased_codec,
+                                         mimi_weights)
+        rows = []
+        for c in contexts:
+            if "|" in c:
+                said, wav = c.rsplit("|", 1)
+                rows.append(gen.segment_rows(loaded.tokenizer, said, gen.encode_wav(codec, wav), loaded.model.N))
+            elif shards:
+                rows.append(gen.sample_context(shards, c, loaded.tokenizer, loaded.model.N))
+            else:
+                raise ValueError(f"--context {c}: a sample key needs --shards DIR")
+        result = gen.synthesize(loaded, text, rows, g, codec)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise click.UsageError(str(e)) from e
+    gen.write_wav(output, result, {"model": loaded.info, "codec": codec_id, "generate": dataclasses.asdict(g),
+                                   "context": list(contexts)})
+    click.echo(f"[csm-corpus] {output}: {result['seconds']:.2f} s, {len(result['frames'])} frames "
+               f"(stopped at {result['stopped']}), {result['frames_per_s']:.1f} frames/s; model {loaded.info['model']}",
+               err=True)
+    if not codec_id.get("released", False):
+        click.echo(f"[csm-corpus] WARNING: decoded with {codec_id.get('weights')}, NOT the released Mimi: "
+                   "the audio is noise (marked in the .json next to it).", err=True)

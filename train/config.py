@@ -43,7 +43,7 @@ class DataConfig:
     shuffle_buffer: int = 256  # samples; shards are resampled at random, so this only mixes windows
     num_workers: int = 2
     epoch_batches: int = 1000  # batches per rank per "epoch" (.with_epoch): keeps ranks in lockstep
-    eval_shards: int = 1  # the last N shards (sorted by name) are held out for eval
+    eval_fraction: float = 0.05  # sources held out for eval, chosen by hash (at least one when > 0)
     speaker_ids: str = "index"  # "index": speakers renumbered 0,1,.. per sample (as CSM expects); "raw"
     allow_unreleased_codec: bool = False  # codes from a Mimi without released weights are noise
 
@@ -70,6 +70,18 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    sample_every: int = 1000  # generate sample_prompts into RUN/samples/ (0: never); WER when an ASR model loads
+    sample_prompts: tuple[str, ...] = ("[0]Hello, how are you doing today?", "[1]I am fine, thanks. What about you?")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Sampling for `pipeline generate` and the training samples (Sesame's released defaults)."""
+
+    temperature: float = 0.9  # 0: greedy
+    top_k: int = 50
+    max_seconds: float = 10.0
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,10 +8,12 @@ pickle): nothing from a shard is ever unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import logging
 import random
+import re
 import tarfile
 from pathlib import Path
 
@@ -71,13 +73,35 @@ def load_tokenizer(name: str):
     return tok
 
 
-def list_shards(shards_dir: str | Path, eval_shards: int) -> tuple[list[str], list[str]]:
+_SHARD_SOURCE = re.compile(r"^shard-(.+)-c\d{4}\.tar$")  # stages.corpus_format: shard-{source}-c{chunk}.tar
+MIMI_CODES = 2048  # codes per codebook of the pipeline's codec
+
+
+def shard_source(shard: str) -> str:
+    """The source id a pipeline shard holds (one chunk of one source per shard)."""
+    m = _SHARD_SOURCE.match(Path(shard).name)
+    return m.group(1) if m else Path(shard).name
+
+
+def source_hash(source: str) -> float:
+    return int(hashlib.sha1(source.encode()).hexdigest()[:15], 16) / 16**15
+
+
+def list_shards(shards_dir: str | Path, eval_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, eval) shards, split by source: a source whose hash falls under `eval_fraction` is held
+    out whole (at least one source when the fraction is positive), so no source is in both splits
+    and adding sources never moves an existing one."""
     shards = sorted(str(p) for p in (Path(shards_dir) / "shards").glob("*.tar"))
     if not shards:
         raise FileNotFoundError(f"no shards under {Path(shards_dir) / 'shards'}")
-    if eval_shards and len(shards) <= eval_shards:
-        raise ValueError(f"{len(shards)} shard(s) cannot hold out data.eval_shards={eval_shards}; set data.eval_shards: 0")
-    return (shards[:-eval_shards], shards[-eval_shards:]) if eval_shards else (shards, [])
+    if not eval_fraction:
+        return shards, []
+    sources = sorted({shard_source(s) for s in shards}, key=source_hash)
+    held = {s for s in sources if source_hash(s) < eval_fraction} or {sources[0]}
+    if len(held) == len(sources):
+        raise ValueError(f"{len(sources)} source(s) cannot hold out data.eval_fraction={eval_fraction}; "
+                         "set data.eval_fraction: 0")
+    return [s for s in shards if shard_source(s) not in held], [s for s in shards if shard_source(s) in held]
 
 
 def check_codec(sample: Sample, allow_unreleased: bool, where: str) -> None:
@@ -85,13 +109,39 @@ def check_codec(sample: Sample, allow_unreleased: bool, where: str) -> None:
         raise ValueError(UNRELEASED_MSG.format(where=where, weights=sample.codec.get("weights")))
 
 
-def preflight(shards: list[str], allow_unreleased: bool) -> None:
-    """Read the first sample's json of each shard, so a bad corpus fails before training starts."""
+def preflight(shards: list[str], allow_unreleased: bool, num_codebooks: int, audio_vocab_size: int) -> None:
+    """Read the first sample's json of each shard, so a bad corpus (or a model that cannot hold its
+    codes) fails before training starts."""
     for shard in shards:
         with tarfile.open(shard) as tar:
             member = next((m for m in tar if m.name.endswith(f".{JSON}")), None)
-            if member is not None:
-                check_codec(Sample.from_json(tar.extractfile(member).read()), allow_unreleased, shard)
+            if member is None:
+                continue
+            sample = Sample.from_json(tar.extractfile(member).read())
+            check_codec(sample, allow_unreleased, shard)
+            have = int(sample.codec.get("num_codebooks", num_codebooks))
+            if have < num_codebooks:
+                raise ValueError(f"model.num_codebooks={num_codebooks} but shard {shard} holds {have} codebooks "
+                                 "(codec.num_codebooks)")
+            codes = int(sample.codec.get("codebook_size", MIMI_CODES))
+            if codes > audio_vocab_size:
+                raise ValueError(f"model.audio_vocab_size={audio_vocab_size} cannot hold the {codes} codes per "
+                                 f"codebook of shard {shard}")
+
+
+def segment_rows(tokenizer, text: str, codes: np.ndarray | None, num_codebooks: int):
+    """One turn: text rows of `text` ("[speaker]words", BOS ... EOS), then, when `codes` [N, frames] is
+    given, its audio frames and one all-zero end-of-audio frame. -> (tokens [T, N+1], mask [T, N+1])."""
+    N = num_codebooks
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+    n_text, n_audio = len(ids), 0 if codes is None else codes.shape[1] + 1
+    seg = np.zeros((n_text + n_audio, N + 1), dtype=np.int64)
+    mask = np.zeros_like(seg, dtype=bool)
+    seg[:n_text, N], mask[:n_text, N] = ids, True
+    if codes is not None:
+        seg[n_text : n_text + n_audio - 1, :N] = codes[:N].T  # the last audio row stays 0: EOS frame
+        mask[n_text:, :N] = True
+    return seg, mask
 
 
 def build_rows(sample: Sample, codes: np.ndarray, tokenizer, cfg: DataConfig, num_codebooks: int):
@@ -104,15 +154,8 @@ def build_rows(sample: Sample, codes: np.ndarray, tokenizer, cfg: DataConfig, nu
     segments, total = [], 0
     for utt in sample.utterances:
         spk = speakers.setdefault(utt.speaker, len(speakers)) if cfg.speaker_ids == "index" else utt.speaker
-        ids = tokenizer.encode(f"[{spk}]{utt.text}", add_special_tokens=False)
-        ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
         begin, end = utt.frames
-        n_text, n_audio = len(ids), end - begin + 1
-        seg = np.zeros((n_text + n_audio, N + 1), dtype=np.int64)
-        mask = np.zeros_like(seg, dtype=bool)
-        seg[:n_text, N], mask[:n_text, N] = ids, True
-        seg[n_text : n_text + end - begin, :N] = codes[:N, begin:end].T  # the last audio row stays 0: EOS frame
-        mask[n_text:, :N] = True
+        seg, mask = segment_rows(tokenizer, f"[{spk}]{utt.text}", codes[:N, begin:end], N)
         if total + len(seg) > cfg.seq_len:
             if not segments:
                 segments.append((seg[: cfg.seq_len], mask[: cfg.seq_len]))
@@ -169,10 +212,11 @@ class ShardStream(IterableDataset):
         self.epoch, self.skip_batches = 0, 0
 
     def __iter__(self):
-        rank, world, worker, num_workers = wds.utils.pytorch_worker_info()
+        rank, world, loader_worker, num_workers = wds.utils.pytorch_worker_info()
+        worker = (loader_worker + self.skip_batches) % num_workers
         urls = self.urls
         if len(urls) >= world * num_workers:
-            urls = list(wds.split_by_worker(wds.split_by_node(urls)))
+            urls = urls[rank::world][worker::num_workers]  # wds.split_by_* would use the loader's worker id
         rng = random.Random(wds.utils.make_seed(self.seed, self.epoch, rank, worker))
         per_worker = -(-self.cfg.epoch_batches // num_workers)
         # Batches come round-robin from workers, so this worker served every num_workers-th one.

@@ -13,27 +13,37 @@ from pathlib import Path
 
 import torch
 
-from train import checkpoint, data, loss, parallel
+from train import checkpoint, data, hf, listen, loss, parallel
 from train.config import Config, ModelConfig, TrainConfig
-from train.model import CSM, load_hf_weights
+from train.model import CSM
 
 log = logging.getLogger("train")
 
 
 def model_config(cfg: ModelConfig, tokenizer=None) -> ModelConfig:
-    """`cfg` with text_vocab_size resolved: unset, the tokenizer's size rounded up to 64."""
+    """`cfg` resolved: with init_from, the checkpoint's architecture (its config.json); text_vocab_size
+    unset, the tokenizer's size rounded up to 64."""
+    where = "model.text_vocab_size"
+    if cfg.init_from:
+        cfg = hf.model_config_from_hf(cfg, hf.resolve(cfg.init_from))
+        where = f"model.init_from {cfg.init_from}: text_vocab_size"
     if cfg.text_vocab_size is None:
         return dataclasses.replace(cfg, text_vocab_size=math.ceil(len(tokenizer) / 64) * 64)
     if tokenizer is not None and len(tokenizer) > cfg.text_vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens > model.text_vocab_size {cfg.text_vocab_size}")
+        raise ValueError(f"data.tokenizer has {len(tokenizer)} tokens > {where}={cfg.text_vocab_size}")
     return cfg
 
 
 def build_model(cfg: Config, tokenizer=None) -> CSM:
+    """Random init (seeded), or the weights of model.init_from; says loudly which."""
     torch.manual_seed(cfg.train.seed)  # same init on every rank
-    model = CSM(model_config(cfg.model, tokenizer))
-    if cfg.model.init_from:
-        load_hf_weights(model, cfg.model.init_from)
+    mc = model_config(cfg.model, tokenizer)
+    model = CSM(mc)
+    if mc.init_from:
+        hf.load_hf_weights(model, hf.resolve(mc.init_from))
+        log.warning("model: weights from %s (backbone %s, decoder %s)", mc.init_from, mc.backbone, mc.decoder)
+    else:
+        log.warning("model: RANDOMLY INITIALISED %s (seed %d), no model.init_from", mc.flavour, cfg.train.seed)
     return model
 
 
@@ -111,18 +121,22 @@ def train_step(model, optimizer, scheduler, micro_batches, cfg: Config, step: in
 
 @torch.no_grad()
 def evaluate(model, batches: list[dict], cfg: Config, d: parallel.Dist) -> dict:
-    """Same held-out batches on every rank (so FSDP's collectives line up); fixed decoder subsets."""
+    """Same held-out batches on every rank (so FSDP's collectives line up); the decoder on every
+    audio frame, so the figure does not depend on a draw; loss per codebook (eval_cb<k>_loss)."""
     model.eval()
-    N, sums = cfg.model.num_codebooks, [0.0, 0.0, 0, 0]
+    N = cfg.model.num_codebooks
+    sums, frames = torch.zeros(N, dtype=torch.float64), 0
     for b in batches:
-        b = loss.prepare(b, cfg.train.decoder_fraction, cfg.train.seed, 0, N)
+        b = loss.prepare(b, 1.0, cfg.train.seed, 0, N)
         with autocast(cfg, d.device):
-            c0, dec = loss.loss_sums(model, _to(b, d.device), N)
-        sums = [sums[0] + c0.item(), sums[1] + dec.item(), sums[2] + b["c0_count"], sums[3] + b["dec_count"]]
+            sums += loss.codebook_loss_sums(model, _to(b, d.device), N).double().cpu()
+        frames += b["c0_count"]
     model.train()
-    c0_loss, dec_loss = sums[0] / max(1, sums[2]), sums[1] / max(1, sums[3])
+    per_cb = (sums / max(1, frames)).tolist()
+    c0_loss, dec_loss = per_cb[0], sum(per_cb[1:]) / max(1, N - 1)
     return {"eval_c0_loss": c0_loss, "eval_decoder_loss": dec_loss,
-            "eval_loss": cfg.train.c0_weight * c0_loss + cfg.train.decoder_weight * dec_loss}
+            "eval_loss": cfg.train.c0_weight * c0_loss + cfg.train.decoder_weight * dec_loss,
+            **{f"eval_cb{k}_loss": v for k, v in enumerate(per_cb)}}
 
 
 class Metrics:
@@ -169,8 +183,9 @@ def run(cfg: Config, shards_dir: str, run_dir: str, max_steps: int | None = None
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = data.load_tokenizer(cfg.data.tokenizer)
     cfg = dataclasses.replace(cfg, model=model_config(cfg.model, tokenizer))  # what config.json and checkpoints record
-    train_urls, eval_urls = data.list_shards(shards_dir, cfg.data.eval_shards)
-    data.preflight(train_urls + eval_urls, cfg.data.allow_unreleased_codec)
+    train_urls, eval_urls = data.list_shards(shards_dir, cfg.data.eval_fraction)
+    data.preflight(train_urls + eval_urls, cfg.data.allow_unreleased_codec, cfg.model.num_codebooks,
+                   cfg.model.audio_vocab_size)
 
     model = build_model(cfg, tokenizer).to(d.device)
     model = parallel.parallelize(model, cfg, d)
@@ -194,6 +209,7 @@ def run(cfg: Config, shards_dir: str, run_dir: str, max_steps: int | None = None
         held_out = data.eval_batches(eval_urls, decoder, cfg.data.micro_batch_size, cfg.train.eval_batches)
 
     metrics, history = Metrics(run_dir, d), []
+    listener = listen.Listener(cfg, run_dir, tokenizer) if d.is_main and cfg.train.sample_every > 0 else None
     last = max_steps if max_steps is not None else cfg.train.steps  # --max-steps stops early, same schedule
     model.train()
     while step < last:
@@ -206,8 +222,12 @@ def run(cfg: Config, shards_dir: str, run_dir: str, max_steps: int | None = None
                  peak_mem_gb=peak_memory_gb(d.device))
         if held_out and step % cfg.train.eval_every == 0:
             m.update(evaluate(model, held_out, cfg, d))
+        if cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0:
+            whole = listen.full_model(model, cfg, d)
+            if listener is not None:
+                m.update(listener(whole, step))
         history.append(m)
-        if step % cfg.train.log_every == 0 or "eval_loss" in m:
+        if step % cfg.train.log_every == 0 or "eval_loss" in m or "sample_seconds" in m:
             metrics.write(m)
             if d.is_main:
                 log.info("step %d loss %.4f (c0 %.4f, dec %.4f) lr %.2e %.0f frames/s", step, m["loss"],

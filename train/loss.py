@@ -1,4 +1,5 @@
-"""Targets and losses: codebook 0 on every audio frame, the decoder on a random subset of frames.
+"""Targets and losses: codebook 0 on every audio frame; the decoder on every end-of-audio frame (so
+a model learns to stop: generation ends on an all-zero frame) plus a random subset of the others.
 
 Losses are returned as sums with their counts so the loop can normalise by the global count
 (all micro-batches, all ranks): the result then does not depend on how a batch is split.
@@ -30,16 +31,24 @@ def sample_seed(seed: int, step: int, key: str) -> int:
     return zlib.crc32(f"{seed}:{step}:{key}".encode())
 
 
+def end_of_audio(tokens: torch.Tensor, b_idx: torch.Tensor, t_idx: torch.Tensor, num_codebooks: int) -> torch.Tensor:
+    """Which of the given audio frames are end-of-audio frames (all codes 0)."""
+    return (tokens[b_idx, t_idx, :num_codebooks] == 0).all(-1)
+
+
 def select_decoder_frames(batch: dict, fraction: float, seed: int, step: int, num_codebooks: int):
-    """Per sample, a random subset of its audio frames for the decoder: (batch idx, position)."""
+    """Per sample, its end-of-audio frames and a random `fraction` of its other audio frames (at
+    least one): (batch idx, position), in order."""
     b_idx, t_idx = audio_positions(batch["mask"], num_codebooks)
+    eos = end_of_audio(batch["tokens"], b_idx, t_idx, num_codebooks)
     chosen_b, chosen_t = [], []
     for b, key in enumerate(batch["keys"]):
-        t = t_idx[b_idx == b]
+        mine = b_idx == b
+        t, always = t_idx[mine & ~eos], t_idx[mine & eos]
         g = torch.Generator().manual_seed(sample_seed(seed, step, key))
-        pick = torch.randperm(len(t), generator=g)[: decoder_subset_size(len(t), fraction)]
-        chosen_t.append(t[pick.sort().values])
-        chosen_b.append(torch.full((len(pick),), b, dtype=torch.long))
+        pick = t[torch.randperm(len(t), generator=g)[: decoder_subset_size(len(t), fraction)]]
+        chosen_t.append(torch.cat([pick, always]).sort().values)
+        chosen_b.append(torch.full((len(pick) + len(always),), b, dtype=torch.long))
     return torch.cat(chosen_b), torch.cat(chosen_t)
 
 
@@ -59,11 +68,17 @@ def prepare(batch: dict, fraction: float, seed: int, step: int, num_codebooks: i
 
 def loss_sums(model, batch: dict, num_codebooks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of codebook 0 over all audio frames and of codebooks 1..N-1 over the
-    decoder subset."""
+    decoder frames."""
+    sums = codebook_loss_sums(model, batch, num_codebooks)
+    return sums[0], sums[1:].sum()
+
+
+def codebook_loss_sums(model, batch: dict, num_codebooks: int) -> torch.Tensor:
+    """Summed cross-entropy per codebook [N]: codebook 0 over c0_index, the others over dec_index."""
     tokens = batch["tokens"]
     c0_logits, dec_logits = model(tokens, batch["mask"], batch["c0_index"], batch["dec_index"])
     c0_target = tokens[batch["c0_index"][0], batch["c0_index"][1], 0]
     dec_target = tokens[batch["dec_index"][0], batch["dec_index"][1], 1:num_codebooks]
     c0 = F.cross_entropy(c0_logits.float(), c0_target, reduction="sum")
-    dec = F.cross_entropy(dec_logits.float().flatten(0, 1), dec_target.flatten(), reduction="sum")
-    return c0, dec
+    dec = F.cross_entropy(dec_logits.float().transpose(1, 2), dec_target, reduction="none").sum(0)
+    return torch.cat([c0[None], dec])

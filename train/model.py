@@ -1,16 +1,15 @@
 """CSM: a Llama-style backbone over 33-column rows and a small Llama-style decoder over codebooks.
 
 Computes what transformers' `CsmForConditionalGeneration` computes (tests/test_train_reference.py
-checks logits against it); `load_hf_weights` maps its state dict onto this model.
+checks logits against it); train/hf.py maps its weights and config both ways. Both stacks take an
+optional `KVCache` for generation (train/generate.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,30 @@ FLAVOURS = {
     "300M": TransformerArgs(7, 1536, 12, 4, 8192),  # our choice: ~310M, not published
 }
 PAIRS = {"tiny": ("tiny", "tiny-decoder"), "1B": ("1B", "100M"), "3B": ("3B", "250M"), "8B": ("8B", "300M")}
+_SPEC = re.compile(r"^layers=(\d+),dim=(\d+),heads=(\d+),kv_heads=(\d+),ffn=(\d+)$")
+
+
+def transformer_args(name: str) -> TransformerArgs:
+    """A flavour name, or an explicit shape `layers=L,dim=D,heads=H,kv_heads=K,ffn=F` (what a
+    transformers checkpoint's config.json resolves to, so a run records its exact architecture)."""
+    if name in FLAVOURS:
+        return FLAVOURS[name]
+    m = _SPEC.match(name.replace(" ", ""))
+    if not m:
+        raise ValueError(f"unknown transformer shape '{name}': a flavour ({sorted(FLAVOURS)}) or "
+                         "'layers=L,dim=D,heads=H,kv_heads=K,ffn=F'")
+    return TransformerArgs(*(int(g) for g in m.groups()))
+
+
+def stack_args(cfg: ModelConfig) -> tuple[TransformerArgs, TransformerArgs]:
+    """(backbone, decoder) shapes of a model config."""
+    if cfg.flavour not in PAIRS:
+        raise ValueError(f"model.flavour must be one of {sorted(PAIRS)}, got '{cfg.flavour}'")
+    return transformer_args(cfg.backbone or PAIRS[cfg.flavour][0]), transformer_args(cfg.decoder or PAIRS[cfg.flavour][1])
+
+
+def shape_spec(a: TransformerArgs) -> str:
+    return f"layers={a.n_layers},dim={a.dim},heads={a.n_heads},kv_heads={a.n_kv_heads},ffn={a.ffn_dim}"
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -76,6 +99,30 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class KVCache:
+    """Preallocated keys/values of every layer of one stack, for generation: a prefill from empty
+    (causal), then one position per call."""
+
+    def __init__(self, a: TransformerArgs, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (a.n_layers, batch, a.n_kv_heads, max_len, a.dim // a.n_heads)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache full: {end} positions > {self.k.shape[3]}")
+        if self.pos and k.shape[2] > 1:
+            raise ValueError("KV cache: only a prefill from empty may hold several positions")
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, a: TransformerArgs):
         super().__init__()
@@ -85,15 +132,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(a.dim, a.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(a.n_heads * self.head_dim, a.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        # Right padding only, so a plain causal mask is exact for every real position.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        # Right padding only, so a plain causal mask is exact for every real position; a single
+        # cached step attends to everything before it.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -114,8 +164,8 @@ class Block(nn.Module):
         self.attention_norm, self.attention = RMSNorm(a.dim, eps), Attention(a)
         self.ffn_norm, self.feed_forward = RMSNorm(a.dim, eps), FeedForward(a)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -133,24 +183,24 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = x.shape[1]
-        cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        start = cache.pos if cache is not None else 0
+        end = start + x.shape[1]
+        cos, sin = self.rope_cos[start:end].to(x.dtype), self.rope_sin[start:end].to(x.dtype)
+        for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.pos = end
         return self.norm(x)
 
 
 class CSM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.flavour not in PAIRS:
-            raise ValueError(f"model.flavour must be one of {sorted(PAIRS)}, got '{cfg.flavour}'")
-        b = FLAVOURS[cfg.backbone or PAIRS[cfg.flavour][0]]
-        d = FLAVOURS[cfg.decoder or PAIRS[cfg.flavour][1]]
+        b, d = stack_args(cfg)
         if cfg.text_vocab_size is None:
             raise ValueError("model.text_vocab_size must be resolved (from the tokenizer) before building")
         self.cfg, self.N, self.V = cfg, cfg.num_codebooks, cfg.audio_vocab_size
@@ -199,83 +249,3 @@ class CSM(nn.Module):
         c0_logits = self.codebook0_head(h[c0_index[0], c0_index[1] - 1])
         dec_logits = self.decoder_logits(h[dec_index[0], dec_index[1] - 1], tokens[dec_index[0], dec_index[1], : self.N])
         return c0_logits, dec_logits
-
-
-# --- transformers-format weights -------------------------------------------------------------
-
-_LAYER_MAP = {
-    "self_attn.q_proj": "attention.wq",
-    "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1",
-    "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3",
-    "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-_TOP_MAP = {
-    "embed_text_tokens.weight": "text_embeddings.weight",
-    "backbone_model.embed_tokens.embed_audio_tokens.weight": "audio_embeddings.weight",
-    "lm_head.weight": "codebook0_head.weight",
-    "backbone_model.norm.weight": "backbone.norm.weight",
-    "depth_decoder.model.norm.weight": "decoder.norm.weight",
-    "depth_decoder.model.inputs_embeds_projector.weight": "projection.weight",
-    "depth_decoder.codebooks_head.weight": "audio_head",
-}
-_LAYER_RE = re.compile(r"^(backbone_model|depth_decoder\.model)\.layers\.(\d+)\.(.+)\.weight$")
-
-
-def map_hf_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers `CsmForConditionalGeneration` state dict -> ours. The codec is dropped; the decoder's
-    codebook embedding must equal the backbone's (CSM ties them)."""
-    out = {}
-    for key, value in hf.items():
-        if key.startswith("codec_model.") or key.endswith("rotary_emb.inv_freq"):
-            continue
-        if key == "depth_decoder.model.embed_tokens.weight":
-            # Tied to the backbone's codebook table; a saved checkpoint may keep only one of the two.
-            tied = hf.get("backbone_model.embed_tokens.embed_audio_tokens.weight")
-            if tied is not None and not torch.equal(tied, value):
-                raise ValueError("checkpoint has untied decoder codebook embeddings; this model ties them")
-            out["audio_embeddings.weight"] = value
-            continue
-        if key in _TOP_MAP:
-            out[_TOP_MAP[key]] = value
-            continue
-        m = _LAYER_RE.match(key)
-        if not m or m.group(3) not in _LAYER_MAP:
-            raise KeyError(f"unexpected key in transformers CSM checkpoint: {key}")
-        stack = "backbone" if m.group(1) == "backbone_model" else "decoder"
-        out[f"{stack}.layers.{m.group(2)}.{_LAYER_MAP[m.group(3)]}.weight"] = value
-    return out
-
-
-def load_hf_weights(model: CSM, path_or_id: str) -> None:
-    """Load released transformers-format CSM weights (e.g. `sesame/csm-1b`) from a dir or the hub."""
-    path = Path(path_or_id)
-    if not path.exists():
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(path_or_id, allow_patterns=["*.safetensors", "config.json"]))
-        except Exception as e:  # noqa: BLE001 - offline, gated, typo: all need the same advice
-            raise RuntimeError(
-                f"cannot load CSM weights '{path_or_id}' ({e}); set model.init_from to a local directory "
-                "with the transformers-format safetensors (e.g. a download of sesame/csm-1b) or null"
-            ) from e
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors under {path} (model.init_from)")
-    if (path / "config.json").exists():
-        theirs = json.loads((path / "config.json").read_text()).get("rope_scaling") or {}
-        ours = model.cfg.rope_scaling or {}
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        if any(theirs.get(k) != ours.get(k) for k in keys):
-            raise ValueError(f"model.rope_scaling {ours} does not match the checkpoint's {theirs}")
-    hf: dict[str, torch.Tensor] = {}
-    for f in files:
-        hf.update(load_file(str(f)))
-    model.load_state_dict(map_hf_state_dict(hf), strict=True)

@@ -29,7 +29,7 @@ def tiny_tokenizer(out_dir: str | Path):
 
 
 def make_sample(rng: np.random.Generator, key: str, released: bool, num_codebooks: int = 32,
-                utterances: tuple[int, int] = (2, 4), frames: tuple[int, int] = (4, 16)) -> dict:
+                utterances: tuple[int, int] = (2, 4), frames: tuple[int, int] = (4, 16), source: str | None = None) -> dict:
     """Raw WebDataset members of one random sample (what `wds.TarWriter` writes)."""
     utts, begin = [], 0
     for i in range(int(rng.integers(*utterances, endpoint=True))):
@@ -40,7 +40,7 @@ def make_sample(rng: np.random.Generator, key: str, released: bool, num_codebook
         begin += n
     codes = rng.integers(0, 2048, size=(num_codebooks, begin)).astype(np.int16)
     sample = Sample(
-        key=key, source=SourceInfo(f"file:///{key}.wav", key, begin * 0.08, 24000, 1), chunk=0,
+        key=key, source=SourceInfo(f"file:///{source or key}.wav", source or key, begin * 0.08, 24000, 1), chunk=0,
         start=0.0, end=begin * 0.08, language="en", utterances=utts,
         codec={"name": "mimi", "num_codebooks": num_codebooks, "frame_rate": 12.5, "sample_rate": 24000,
                "weights": "kyutai/moshiko-pytorch-bf16" if released else None, "released": released},
@@ -63,5 +63,5 @@ def make_shards(out_dir: str | Path, n_shards: int = 3, per_shard: int = 8, rele
         source = f"synthetic-{s:010x}"
         with wds.TarWriter(str(Path(out_dir) / ChunkFiles(chunk_name(source, 0)).shard)) as w:
             for k in range(per_shard):
-                w.write(make_sample(rng, sample_key(source, 0, k), released, **sample_kw))
+                w.write(make_sample(rng, sample_key(source, 0, k), released, source=source, **sample_kw))
     return Path(out_dir)
