@@ -42,31 +42,19 @@ class ChunkFiles:
     """Where one chunk's outputs go, relative to the corpus root. Names derive from the source id
     and chunk index only, so a rerun writes the same names."""
 
-    name: str  # chunk_name(source_id, index)
+    shard_file: str  # the manifest's `shard` column
+    shard: str
+    manifest: str
+    rejected: str
+    errors: str
+    record: str
 
-    @property
-    def shard_file(self) -> str:  # the manifest's `shard` column
-        return f"shard-{self.name}.tar"
-
-    @property
-    def shard(self) -> str:
-        return f"shards/{self.shard_file}"
-
-    @property
-    def manifest(self) -> str:
-        return f"manifest/shard-{self.name}.parquet"
-
-    @property
-    def rejected(self) -> str:
-        return f"rejected/{self.name}.parquet"
-
-    @property
-    def errors(self) -> str:
-        return f"errors/{self.name}.jsonl"
-
-    @property
-    def record(self) -> str:
-        return f"chunks/{self.name}.json"
+    @classmethod
+    def of(cls, source_id: str, index: int) -> ChunkFiles:
+        name = chunk_name(source_id, index)
+        shard = f"shard-{name}"
+        return cls(f"{shard}.tar", f"shards/{shard}.tar", f"manifest/{shard}.parquet", f"rejected/{name}.parquet",
+                   f"errors/{name}.jsonl", f"chunks/{name}.json")
 
 
 INCOMPLETE_SUFFIX = "-incomplete.jsonl"  # errors/<source id>-incomplete.jsonl: a source whose chunks did not all come back
@@ -229,7 +217,7 @@ def rejection_schema():
 def manifest_row(sample: Sample, frames: int) -> dict[str, Any]:
     """A sample's manifest row: where it is, and its quality facts as columns."""
     return {
-        "key": sample.key, "shard": ChunkFiles(chunk_name(sample.source.id, sample.chunk)).shard_file,
+        "key": sample.key, "shard": ChunkFiles.of(sample.source.id, sample.chunk).shard_file,
         "source_id": sample.source.id, "source_uri": sample.source.uri, "chunk": sample.chunk,
         "start": sample.start, "end": sample.end, "duration": sample.end - sample.start, "frames": frames,
         "language": sample.language, "speaker_labels": sorted({u.speaker for u in sample.utterances}),
