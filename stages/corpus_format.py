@@ -37,24 +37,15 @@ def sample_key(source_id: str, chunk: int, window: int) -> str:
     return f"{chunk_name(source_id, chunk)}-w{window:04d}"
 
 
-@dataclass(frozen=True)
 class ChunkFiles:
     """Where one chunk's outputs go, relative to the corpus root. Names derive from the source id
     and chunk index only, so a rerun writes the same names."""
 
-    shard_file: str  # the manifest's `shard` column
-    shard: str
-    manifest: str
-    rejected: str
-    errors: str
-    record: str
-
-    @classmethod
-    def of(cls, source_id: str, index: int) -> ChunkFiles:
-        name = chunk_name(source_id, index)
+    def __init__(self, name: str):  # name: chunk_name(source_id, index)
         shard = f"shard-{name}"
-        return cls(f"{shard}.tar", f"shards/{shard}.tar", f"manifest/{shard}.parquet", f"rejected/{name}.parquet",
-                   f"errors/{name}.jsonl", f"chunks/{name}.json")
+        self.shard_file = f"{shard}.tar"  # the manifest's `shard` column
+        self.shard, self.manifest = f"shards/{shard}.tar", f"manifest/{shard}.parquet"
+        self.rejected, self.errors, self.record = f"rejected/{name}.parquet", f"errors/{name}.jsonl", f"chunks/{name}.json"
 
 
 INCOMPLETE_SUFFIX = "-incomplete.jsonl"  # errors/<source id>-incomplete.jsonl: a source whose chunks did not all come back
@@ -217,7 +208,7 @@ def rejection_schema():
 def manifest_row(sample: Sample, frames: int) -> dict[str, Any]:
     """A sample's manifest row: where it is, and its quality facts as columns."""
     return {
-        "key": sample.key, "shard": ChunkFiles.of(sample.source.id, sample.chunk).shard_file,
+        "key": sample.key, "shard": ChunkFiles(chunk_name(sample.source.id, sample.chunk)).shard_file,
         "source_id": sample.source.id, "source_uri": sample.source.uri, "chunk": sample.chunk,
         "start": sample.start, "end": sample.end, "duration": sample.end - sample.start, "frames": frames,
         "language": sample.language, "speaker_labels": sorted({u.speaker for u in sample.utterances}),

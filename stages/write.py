@@ -27,6 +27,7 @@ from stages.corpus_format import (
     Sample,
     SampleUtterance,
     SourceInfo,
+    chunk_name,
     error_lines,
     manifest_row,
     manifest_schema,
@@ -116,7 +117,7 @@ class WriteStage(Stage):
         self.out = OutputDir(self.config.output)
 
     def process(self, chunk: Chunk) -> Chunk:
-        files = ChunkFiles.of(chunk.recording.id, chunk.index)
+        files = ChunkFiles(chunk_name(chunk.recording.id, chunk.index))
         rows, members = [], []
         for w in chunk.windows if not chunk.failed else []:
             sample = sample_of(chunk, w)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.corpus_format import CODES, JSON, ChunkFiles, Sample, SampleUtterance, SourceInfo, sample_key
+from stages.corpus_format import CODES, JSON, ChunkFiles, Sample, SampleUtterance, SourceInfo, chunk_name, sample_key
 
 WORDS = "hello there how are you doing today fine thanks and what about the weather yes no maybe okay".split()
 
@@ -61,7 +61,7 @@ def make_shards(out_dir: str | Path, n_shards: int = 3, per_shard: int = 8, rele
     shard_dir.mkdir(parents=True, exist_ok=True)
     for s in range(n_shards):
         source = f"synthetic-{s:010x}"
-        with wds.TarWriter(str(Path(out_dir) / ChunkFiles.of(source, 0).shard)) as w:
+        with wds.TarWriter(str(Path(out_dir) / ChunkFiles(chunk_name(source, 0)).shard)) as w:
             for k in range(per_shard):
                 w.write(make_sample(rng, sample_key(source, 0, k), released, source=source, **sample_kw))
     return Path(out_dir)
