@@ -42,7 +42,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
     return [
         VadStage(config.vad),
         DiarizeStage(config.diarize),
-        AsrStage(config.asr, config.utterances),
+        AsrStage(config.asr),
         UtterancesStage(config.utterances),
         FilterStage(config.filters, level="utterance"),  # before windows: no rejected utterance inside a kept window
         WindowsStage(config.windows),

@@ -1,86 +1,33 @@
-"""utterances: speaker-attributed utterances cut at pauses.
+"""utterances: speaker-attributed utterances built from timed words.
 
-Two halves: `plan_units` decides what Whisper transcribes (VAD regions cut at pauses, split where
-the speaker changes, or each channel's regions when channels are speakers), and the stage turns the
-transcribed units into utterances: speaker by most overlap with the diarization turns, overlapped
-speech measured, same-speaker neighbours merged up to a maximum length.
+ASR hands over context windows of transcribed speech with a time per word. Here each word goes to
+the speaker who talks most during it (overlap-aware; a word no turn touches goes to the nearest
+turn), and an utterance is a run of one speaker's words, cut where the speaker changes, at a pause
+longer than `max_pause`, and before it would exceed `max_seconds` (always on a word boundary). Its
+start and end follow its first and last word, padded by `pad` but never past the middle of the pause
+to a neighbouring utterance,
+so Mimi encodes whole words. A one-word backchannel in the other speaker's pause is its own
+utterance. With channels as speakers (`chunk.speaker_mode == "channels"`), each channel's words
+belong to that channel's speaker and runs are built per channel.
+
+A window whose text has no word times (timing disabled, or alignment failed) becomes one
+utterance over the window, attributed by most overlap and marked `custom["untimed"]`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
+from dataclasses import dataclass, field
 
 from stages.base import Stage
 from stages.intervals import union
-from stages.records import AsrSegment, Chunk, Region, Rejection, Turn, Utterance
-
-_STEP = 0.02  # seconds: resolution for finding speaker changes inside a region
+from stages.records import AsrSegment, Chunk, Rejection, Turn, Utterance, Word
 
 
 @dataclass
 class UtterancesConfig:
-    merge_gap: float = 0.5  # same speaker, pause at most this long: one utterance
-    max_seconds: float = 20.0  # never merge beyond this (Mimi frames per utterance stay bounded)
-    min_piece: float = 0.5  # speaker-change splits shorter than this are absorbed by a neighbour
-
-
-def split_at_turns(region: Region, turns: list[Turn], min_piece: float) -> list[Region]:
-    """Split a speech region where the dominant speaker changes."""
-    inside = [t for t in turns if t.end > region.start and t.start < region.end]
-    if len({t.speaker for t in inside}) < 2:
-        return [region]
-    grid = np.arange(region.start, region.end, _STEP) + _STEP / 2
-    labels = np.full(len(grid), -1)
-    # Longer turns first, shorter (interjections) last so they win where turns overlap.
-    for i, t in sorted(enumerate(inside), key=lambda it: -(it[1].end - it[1].start)):
-        labels[(grid >= t.start) & (grid < t.end)] = i
-    # Gaps between turns inherit the previous speaker.
-    for k in range(1, len(labels)):
-        if labels[k] < 0:
-            labels[k] = labels[k - 1]
-    speakers = np.array([inside[i].speaker if i >= 0 else "" for i in labels])
-    cuts = [0] + [k for k in range(1, len(speakers)) if speakers[k] != speakers[k - 1]] + [len(speakers)]
-    pieces = [[cuts[j], cuts[j + 1]] for j in range(len(cuts) - 1)]
-    min_steps = int(min_piece / _STEP)
-    merged: list[list[int]] = []
-    for p in pieces:
-        if merged and (p[1] - p[0] < min_steps or merged[-1][1] - merged[-1][0] < min_steps):
-            merged[-1][1] = p[1]
-        else:
-            merged.append(p)
-    bounds = [region.start + a * _STEP for a, _ in merged] + [region.end]
-    return [Region(bounds[j], bounds[j + 1]) for j in range(len(merged))]
-
-
-def plan_units(chunk: Chunk, config: UtterancesConfig) -> list[tuple[Region, int | None]]:
-    """What to transcribe: (region, channel) pairs in time order; channel None means the mono mix.
-
-    VAD regions are split where the speaker changes, then neighbours of the same speaker and
-    channel with short pauses are joined (up to `max_seconds`): one Whisper window per utterance
-    rather than per breath, which is both the utterance we keep and a fraction of the encoder work.
-    """
-    if chunk.speaker_mode == "channels":
-        units = [(r, c) for c, regions in enumerate(chunk.channel_speech) for r in regions]
-    else:
-        units = [(p, None) for r in chunk.speech for p in split_at_turns(r, chunk.turns, config.min_piece)]
-    units.sort(key=lambda u: (u[0].start, u[1] or 0))
-    merged: list[tuple[Region, int | None, str | None]] = []
-    last: dict[int | None, int] = {}  # channel -> index of its latest unit
-    for region, channel in units:
-        speaker = assign_speaker(region.start, region.end, chunk.turns)[0] if channel is None else None
-        i = last.get(channel)
-        # On the mono mix only the directly preceding unit can continue; on separate channels the
-        # other side's backchannel ("yes") does not end this side's utterance.
-        if i is not None and (channel is not None or i == len(merged) - 1):
-            prev, _, prev_speaker = merged[i]
-            if prev_speaker == speaker and 0 <= region.start - prev.end <= config.merge_gap and region.end - prev.start <= config.max_seconds:
-                merged[i] = (Region(prev.start, region.end), channel, speaker)
-                continue
-        last[channel] = len(merged)
-        merged.append((region, channel, speaker))
-    return [(r, c) for r, c, _ in merged]
+    max_pause: float = 0.5  # a longer pause between one speaker's words ends the utterance
+    max_seconds: float = 20.0  # an utterance never grows beyond this (Mimi frames per utterance stay bounded)
+    pad: float = 0.1  # seconds of audio kept before the first and after the last word
 
 
 def assign_speaker(start: float, end: float, turns: list[Turn]) -> tuple[str | None, float]:
@@ -108,59 +55,127 @@ def overlapped_seconds(merged: dict[str, list[tuple[float, float]]]) -> float:
     return total
 
 
-def to_utterance(seg: AsrSegment, chunk: Chunk) -> Utterance:
-    if chunk.speaker_mode == "channels" or not chunk.turns:
-        # Without diarization each channel is one speaker, and the label says so.
-        speaker, overlap = f"channel{seg.channel}", 0.0
-        if chunk.speaker_mode == "channels":
-            # diarize names each channel's speaker: {label: channel}
-            by_channel = {ch: label for label, ch in chunk.channel_speakers.items()}
-            speaker = by_channel.get(seg.channel, speaker)
-            overlap = assign_speaker(seg.start, seg.end, chunk.turns)[1]
-    else:
-        speaker, overlap = assign_speaker(seg.start, seg.end, chunk.turns)
-        speaker = speaker or "unknown"
+def word_speaker(w: Word, turns: list[Turn]) -> str | None:
+    """Who says `w`: most talk during it, else the turn nearest to it (diarization often leaves
+    short gaps that a word's edges fall into)."""
+    speaker, _ = assign_speaker(w.start, w.end, turns)
+    if speaker is None and turns:
+        mid = (w.start + w.end) / 2
+        speaker = min(turns, key=lambda t: (max(t.start - mid, mid - t.end, 0.0), t.speaker)).speaker
+    return speaker
+
+
+@dataclass
+class _Spoken:
+    """A word with who said it and the window it came from."""
+
+    word: Word
+    speaker: str
+    segment: AsrSegment
+
+
+@dataclass
+class _Run:
+    items: list[_Spoken] = field(default_factory=list)
+
+    @property
+    def start(self) -> float:
+        return self.items[0].word.start
+
+    @property
+    def end(self) -> float:
+        return self.items[-1].word.end
+
+
+def runs_of_words(spoken: list[_Spoken], config: UtterancesConfig) -> list[_Run]:
+    """Consecutive words of one speaker, cut at speaker changes, long pauses and the length limit."""
+    runs: list[_Run] = []
+    for s in spoken:
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and last.items[-1].speaker == s.speaker
+            and s.word.start - last.end <= config.max_pause
+            and s.word.end - last.start <= config.max_seconds
+        ):
+            last.items.append(s)
+        else:
+            runs.append(_Run([s]))
+    return runs
+
+
+def to_utterance(run: _Run, lo: float, hi: float, turns: list[Turn]) -> Utterance:
+    """The utterance of a run of words, its edges padded to [lo, hi] (the neighbouring words)."""
+    from stages.asr import NO_SPACE_LANGUAGES
+
+    segs = list({id(s.segment): s.segment for s in run.items}.values())
+    first = segs[0]
+    words = [s.word for s in run.items]
+    joiner = "" if first.language in NO_SPACE_LANGUAGES else " "
+    spans = [w.end - w.start for w in words]
+    weights = [sum(d for d, s in zip(spans, run.items) if s.segment is seg) or 1e-3 for seg in segs]
+    overlap = assign_speaker(lo, hi, turns)[1] if turns else 0.0
     return Utterance(
-        speaker, seg.start, seg.end, seg.text, seg.channel, seg.language,
-        seg.avg_logprob, seg.no_speech_prob, list(seg.words), overlap, seg.language_prob,
+        run.items[0].speaker, lo, hi, joiner.join(w.text for w in words).strip(), first.channel, first.language,
+        sum(seg.avg_logprob * wt for seg, wt in zip(segs, weights)) / sum(weights),
+        max(seg.no_speech_prob for seg in segs), words, overlap,
+        None if any(seg.language_prob is None for seg in segs) else min(seg.language_prob for seg in segs),
     )
 
 
-def merge_utterances(utts: list[Utterance], config: UtterancesConfig) -> list[Utterance]:
-    out: list[Utterance] = []
-    for u in utts:
-        prev = out[-1] if out else None
-        if (
-            prev is not None
-            and prev.speaker == u.speaker
-            and prev.channel == u.channel
-            and 0 <= u.start - prev.end <= config.merge_gap
-            and u.end - prev.start <= config.max_seconds
-        ):
-            # Duration-weighted confidence of the merged text.
-            w0, w1 = prev.duration, u.duration
-            prev.avg_logprob = (prev.avg_logprob * w0 + u.avg_logprob * w1) / (w0 + w1)
-            prev.no_speech_prob = max(prev.no_speech_prob, u.no_speech_prob)
-            prev.text = f"{prev.text} {u.text}".strip()
-            prev.end, prev.overlap = u.end, prev.overlap + u.overlap
-            prev.words.extend(u.words)
-        else:
-            out.append(u)
+def stream_utterances(segments: list[AsrSegment], speaker_of, turns: list[Turn], config: UtterancesConfig,
+                      lo: float, hi: float) -> list[Utterance]:
+    """Utterances of one stream (the mono mix, or one channel) from its windows' timed words."""
+    spoken = [_Spoken(w, speaker_of(w), seg) for seg in segments for w in seg.words]
+    spoken.sort(key=lambda s: (s.word.start, s.word.end))
+    runs = runs_of_words(spoken, config)
+    out = []
+    for k, run in enumerate(runs):
+        # pad into a pause at most up to its middle: neighbours never share audio
+        before = (runs[k - 1].end + run.start) / 2 if k else lo
+        after = (run.end + runs[k + 1].start) / 2 if k + 1 < len(runs) else hi
+        start = max(before, lo, run.start - config.pad)
+        end = min(after, hi, run.end + config.pad)
+        out.append(to_utterance(run, min(start, run.start), max(end, run.end), turns))
     return out
+
+
+def untimed_utterance(seg: AsrSegment, speaker: str, turns: list[Turn]) -> Utterance:
+    overlap = assign_speaker(seg.start, seg.end, turns)[1] if turns else 0.0
+    return Utterance(speaker, seg.start, seg.end, seg.text, seg.channel, seg.language, seg.avg_logprob,
+                     seg.no_speech_prob, [], overlap, seg.language_prob, custom={"untimed": True})
 
 
 class UtterancesStage(Stage):
     name = "utterances"
 
     def process(self, chunk: Chunk) -> Chunk:
-        utts = []
+        channel_mode = chunk.speaker_mode == "channels"
+        by_channel = {ch: label for label, ch in chunk.channel_speakers.items()}
+        streams: dict[int, list[AsrSegment]] = {}
+        utts: list[Utterance] = []
         for seg in chunk.segments:
             if not seg.text:
                 chunk.rejected.append(
                     Rejection(chunk.recording.id, self.name, "empty_transcript", seg.start, seg.end, level="utterance")
                 )
-                continue
-            utts.append(to_utterance(seg, chunk))
-        chunk.utterances = merge_utterances(utts, self.config)
+            elif seg.words:
+                streams.setdefault(seg.channel if channel_mode else 0, []).append(seg)
+            else:
+                speaker = by_channel.get(seg.channel, f"channel{seg.channel}") if channel_mode else (
+                    assign_speaker(seg.start, seg.end, chunk.turns)[0] or _nobody(chunk))
+                utts.append(untimed_utterance(seg, speaker, chunk.turns))
+        for channel, segs in streams.items():
+            if channel_mode:
+                label = by_channel.get(channel, f"channel{channel}")
+                speaker_of = lambda w, label=label: label  # noqa: E731
+            else:
+                speaker_of = lambda w: word_speaker(w, chunk.turns) or _nobody(chunk)  # noqa: E731
+            utts += stream_utterances(segs, speaker_of, chunk.turns, self.config, chunk.offset, chunk.end)
+        chunk.utterances = sorted(utts, key=lambda u: (u.start, u.channel))
         return chunk
 
+
+def _nobody(chunk: Chunk) -> str:
+    """Label when no turn exists at all (no diarization): one speaker per channel, as before."""
+    return "unknown" if chunk.turns else "channel0"

@@ -65,7 +65,7 @@ def speak(text: str, voice: str, speed: int = 165) -> np.ndarray:
 
 @dataclass
 class Conversation:
-    channels: np.ndarray  # float32 [2, samples]: speaker k's speech on channel k only
+    channels: np.ndarray  # float32 [speakers, samples]: speaker k's speech on channel k only
     turns: list[tuple[float, float, int]]  # (start, end, speaker index), exact
 
     @property
@@ -86,7 +86,7 @@ def conversation(
     noise_db: float = -55.0,
     seed: int = 0,
 ) -> Conversation:
-    """Lines in order with `gap` seconds of silence between turns; each speaker on its own track.
+    """Lines in order with `gap` seconds of silence between turns; each speaker (one per voice) on its own track.
 
     `overlap_last` starts each line that much before the previous one ends (crosstalk)."""
     clips = [(spk, speak(text, voices[spk])) for spk, text in script]
@@ -96,7 +96,7 @@ def conversation(
         turns.append((start, start + len(x) / RATE, spk))
         t = start + len(x) / RATE + gap
     n = round((t + lead) * RATE)
-    out = np.zeros((2, n), np.float32)
+    out = np.zeros((len(voices), n), np.float32)
     for (start, _, spk), (_, x) in zip(turns, clips):
         i = round(start * RATE)
         out[spk, i : i + len(x)] += x
@@ -122,3 +122,32 @@ def energy_regions(x: np.ndarray, frame: float = 0.02, min_gap: float = 0.3, rel
         else:
             regions.append([s, t])
     return [(round(s, 3), round(t, 3)) for s, t in regions]
+
+
+VOICE_C = "en-gb-scotland+m1"  # a third voice for three-person conversations
+
+# Three people; plain sentences as above.
+SCRIPT_THREE = [
+    (0, "Good morning everyone thanks for joining the call so early"),
+    (1, "No problem I was already up with the kids anyway"),
+    (2, "Same here so what is first on the list for today"),
+    (0, "We need to decide where the new office should be"),
+    (2, "I would vote for somewhere close to the train station"),
+    (1, "The station is fine but the rent there is very high"),
+    (0, "Let us collect three options and compare them next week"),
+    (2, "I can look at the places near the river this afternoon"),
+]
+
+# One-word backchannels in the other speaker's pauses.
+SCRIPT_BACKCHANNEL = [
+    (0, "So I drove down to the coast on Saturday morning"),
+    (1, "Yeah"),
+    (0, "and the traffic was terrible for the first hour"),
+    (1, "Right"),
+    (0, "but after that the road was almost empty all the way"),
+    (1, "Okay"),
+    (0, "we got there just in time for lunch by the harbour"),
+    (1, "That sounds lovely what did you have"),
+    (0, "Fish and chips of course"),
+    (1, "Nice"),
+]

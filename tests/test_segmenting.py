@@ -7,15 +7,8 @@ import pytest
 from pipeline.config import ConfigError, load_config
 from pipeline.overrides import parse_sets
 from stages.records import Region, Turn, Utterance
-from stages.utterances import UtterancesConfig, assign_speaker, merge_utterances, split_at_turns
+from stages.utterances import UtterancesConfig, assign_speaker
 from stages.windows import WindowsConfig, audio_frames, group_windows, positions
-
-
-def test_split_at_turns_cuts_where_the_speaker_changes():
-    turns = [Turn(0.0, 3.0, "A"), Turn(3.0, 6.0, "B"), Turn(5.9, 6.1, "A")]  # a 0.2 s blip is absorbed
-    pieces = split_at_turns(Region(1.0, 6.0), turns, min_piece=0.5)
-    assert [(round(p.start, 2), round(p.end, 2)) for p in pieces] == [(1.0, 3.0), (3.0, 6.0)]
-    assert split_at_turns(Region(1.0, 2.0), [Turn(0, 5, "A")], 0.5) == [Region(1.0, 2.0)]
 
 
 def test_assign_speaker_by_most_overlap_and_measures_overlap():
@@ -30,13 +23,6 @@ def test_assign_speaker_by_most_overlap_and_measures_overlap():
 
 def _utt(s, e, spk="A", text="hello there"):
     return Utterance(spk, s, e, text)
-
-
-def test_merge_same_speaker_short_pauses_up_to_max_length():
-    cfg = UtterancesConfig(merge_gap=0.5, max_seconds=5.0)
-    out = merge_utterances([_utt(0, 1), _utt(1.3, 2), _utt(2.2, 4.9), _utt(5.1, 6), _utt(6.1, 7, "B")], cfg)
-    assert [(u.start, u.end, u.speaker) for u in out] == [(0, 4.9, "A"), (5.1, 6, "A"), (6.1, 7, "B")]
-    assert out[0].text == "hello there hello there hello there"
 
 
 def test_windows_respect_the_budget_and_keep_order():
@@ -86,22 +72,23 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     assert parse_sets(["a.b.c=null", "a.d=2"]) == {"a": {"b": {"c": None}, "d": 2}}
 
 
-def test_channel_mode_transcribes_each_channel_and_names_its_speaker():
+def test_channel_mode_gives_each_channels_words_to_its_speaker():
     import numpy as np
 
-    from stages.records import Chunk, Recording
-    from stages.utterances import plan_units, to_utterance
-    from stages.records import AsrSegment
+    from stages.records import AsrSegment, Chunk, Recording, Word
+    from stages.utterances import UtterancesStage
 
     chunk = Chunk(Recording("call", "call.wav", 10.0, 8000, 2), 0, 0.0, True, np.zeros((2, 160000), np.float32))
     chunk.speaker_mode, chunk.channel_speakers = "channels", {"S0": 1, "S1": 0}
-    chunk.channel_speech = [[Region(4.0, 5.0), Region(5.2, 6.0)], [Region(1.0, 3.0), Region(4.5, 4.8)]]
     chunk.turns = [Turn(1.0, 3.0, "S0"), Turn(4.0, 6.0, "S1"), Turn(4.5, 4.8, "S0")]
-    units = plan_units(chunk, UtterancesConfig(merge_gap=0.5))
-    # Channel 0's two regions join (0.2 s pause); channel 1's stay apart; each keeps its channel.
-    assert [(u.start, u.end, c) for u, c in units] == [(1.0, 3.0, 1), (4.0, 6.0, 0), (4.5, 4.8, 1)]
-    utt = to_utterance(AsrSegment(4.5, 4.8, "yes", "en", -0.1, 0.0, channel=1), chunk)
-    assert utt.speaker == "S0" and utt.overlap == pytest.approx(0.3)  # the other channel talks throughout
+    ch0 = [Word("well", 4.0, 4.4), Word("maybe", 4.5, 5.0), Word("later", 5.2, 6.0)]
+    ch1 = [Word("call", 1.0, 1.5), Word("me", 1.6, 3.0), Word("yes", 4.5, 4.8)]
+    chunk.segments = [AsrSegment(1.0, 4.8, "call me yes", "en", -0.1, 0.0, 1, ch1), AsrSegment(4.0, 6.0, "well maybe later", "en", -0.1, 0.0, 0, ch0)]
+    (chunk,) = UtterancesStage(UtterancesConfig(max_pause=0.5)).process_batch([chunk])
+    got = [(u.speaker, u.text, u.channel) for u in chunk.utterances]
+    # channel 1's "yes" is its own utterance (a 1.5 s pause), said over channel 0's turn
+    assert got == [("S0", "call me", 1), ("S1", "well maybe later", 0), ("S0", "yes", 1)]
+    assert chunk.utterances[2].overlap == pytest.approx(0.3)  # the other channel talks throughout its word
 
 
 def test_source_ids_are_safe_file_names_and_keys():
