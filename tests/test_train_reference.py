@@ -46,7 +46,7 @@ def _hf_model(rope_scaling, decoder_scaling="same", text_vocab=TEXT_V):
     return model
 
 
-def _rows(T=20):
+def _rows(T=20, text_vocab=TEXT_V):
     """Text rows, then audio frames, an end-of-audio frame, more text, more audio."""
     g = torch.Generator().manual_seed(1)
     kinds = [0] * 5 + [1] * 6 + [2] + [0] * 3 + [1] * (T - 15)  # 0 text, 1 audio, 2 end-of-audio
@@ -54,7 +54,7 @@ def _rows(T=20):
     mask = torch.zeros(2, T, N + 1, dtype=torch.bool)
     for t, k in enumerate(kinds):
         if k == 0:
-            tokens[:, t, N] = torch.randint(0, TEXT_V, (2,), generator=g)
+            tokens[:, t, N] = torch.randint(0, text_vocab, (2,), generator=g)
             mask[:, t, N] = True
         else:
             tokens[:, t, :N] = torch.randint(0, 2048, (2, N), generator=g) if k == 1 else 0
@@ -72,7 +72,7 @@ def test_logits_equal_transformers_reference(rope_scaling):
 
 def assert_logits_equal(hf, ours):
     """Backbone logits, codebook-0 logits and decoder logits of both models on the same rows."""
-    tokens, mask = _rows()
+    tokens, mask = _rows(text_vocab=ours.cfg.text_vocab_size)
     audio = mask[..., 0]
     with torch.no_grad():
         # The reference's own embedding: text rows from embed_text_tokens, audio rows summed codebooks.
@@ -154,3 +154,26 @@ def test_load_hf_weights_from_saved_transformers_checkpoint(tmp_path):
         torch.testing.assert_close(value, expected[name], msg=name)
     with pytest.raises(ValueError, match="rope_scaling"):  # a mismatched RoPE must not load silently
         build_model(Config(model=dataclasses.replace(model, rope_scaling=None)))
+
+
+def test_export_loads_in_transformers_with_equal_logits(tmp_path):
+    from transformers import AutoProcessor, CsmForConditionalGeneration
+
+    from train import checkpoint, loop
+    from train.config import load_config, parse_sets
+    from train.export import export
+    from train.testing import make_shards, tiny_tokenizer
+
+    tiny_tokenizer(tmp_path / "tok")
+    make_shards(tmp_path / "data", n_shards=2, per_shard=2)
+    cfg = load_config("configs/train/tiny.yaml", parse_sets([
+        f"data.tokenizer={tmp_path / 'tok'}", "data.allow_unreleased_codec=true", "data.num_workers=0",
+        "data.eval_fraction=0", "train.sample_every=0"]))
+    loop.run(cfg, str(tmp_path / "data"), str(tmp_path / "run"), max_steps=2)
+    summary = export(tmp_path / "run", tmp_path / "hf")
+    assert summary["step"] == 2 and summary["processor"] and not summary["codec_weights"]
+    hf = CsmForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    ours, _, _ = checkpoint.load_run_model(tmp_path / "run")
+    assert_logits_equal(hf, ours)
+    assert hf.generation_config.do_sample and hf.depth_decoder.generation_config.top_k == cfg.generate.top_k
+    assert AutoProcessor.from_pretrained(tmp_path / "hf").tokenizer.bos_token_id == hf.config.bos_token_id

@@ -91,6 +91,10 @@ def list_shards(shards_dir: str | Path, eval_fraction: float) -> tuple[list[str]
     """(train, eval) shards, split by source: a source whose hash falls under `eval_fraction` is held
     out whole (at least one source when the fraction is positive), so no source is in both splits
     and adding sources never moves an existing one."""
+    packed = Path(shards_dir) / "train"
+    if packed.is_dir():  # `pipeline pack` output: its val/ split already holds whole sources
+        val = sorted(str(p) for p in (Path(shards_dir) / "val").glob("*.tar")) if eval_fraction else []
+        return sorted(str(p) for p in packed.glob("*.tar")), val
     shards = sorted(str(p) for p in (Path(shards_dir) / "shards").glob("*.tar"))
     if not shards:
         raise FileNotFoundError(f"no shards under {Path(shards_dir) / 'shards'}")

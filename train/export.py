@@ -59,7 +59,7 @@ def export(run_dir: str | Path, output: str | Path, step: int | None = None) -> 
     tok = None if cfg.data.tokenizer == "bytes" else data.load_tokenizer(cfg.data.tokenizer)
     config = hf.hf_config(cfg.model, bos_token_id=tok.bos_token_id if tok is not None else None)
     config.save_pretrained(str(out))
-    state = hf.to_hf_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
+    state = hf.to_hf_state_dict(model.state_dict())
     codec = _codec_tensors(cfg.model.init_from)
     save_torch_state_dict({**state, **codec}, str(out))
     g, frames = cfg.generate, round(cfg.generate.max_seconds * 12.5)

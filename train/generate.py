@@ -56,18 +56,20 @@ def load(spec: str, step: int | None = None, tokenizer: str | None = None) -> Lo
 
 
 def sample_context(shards_dir: str | Path, key: str, tokenizer, num_codebooks: int):
-    """Rows of a corpus sample (all its turns, audio and end-of-audio frames), found by its key."""
-    from stages.corpus_format import CODES, JSON, ChunkFiles, Sample
+    """Rows of a corpus sample (all its turns, audio and end-of-audio frames), found by its key in a
+    corpus or packed corpus directory."""
+    from stages.corpus_format import CODES, JSON, Sample
     from train.config import DataConfig
     from train.data import build_rows
 
-    shard = Path(shards_dir) / ChunkFiles(key.rsplit("-w", 1)[0]).shard
-    if not shard.exists():
-        raise FileNotFoundError(f"context sample {key}: no shard {shard}")
-    with tarfile.open(shard) as tar:
-        sample = Sample.from_json(tar.extractfile(f"{key}.{JSON}").read())
-        codes = np.load(io.BytesIO(tar.extractfile(f"{key}.{CODES}").read()), allow_pickle=False)
-    return build_rows(sample, codes, tokenizer, DataConfig(seq_len=10**9), num_codebooks)
+    for shard in sorted(Path(shards_dir).rglob("*.tar"), key=lambda p: key.rsplit("-w", 1)[0] not in p.name):
+        with tarfile.open(shard) as tar:
+            names = set(tar.getnames())
+            if f"{key}.{JSON}" in names:
+                sample = Sample.from_json(tar.extractfile(f"{key}.{JSON}").read())
+                codes = np.load(io.BytesIO(tar.extractfile(f"{key}.{CODES}").read()), allow_pickle=False)
+                return build_rows(sample, codes, tokenizer, DataConfig(seq_len=10**9), num_codebooks)
+    raise FileNotFoundError(f"context sample {key}: not in any shard under {shards_dir}")
 
 
 def prompt_rows(tokenizer, text: str, contexts: list[tuple[np.ndarray, np.ndarray]], num_codebooks: int,

@@ -73,7 +73,8 @@ def map_hf_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def to_hf_state_dict(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Ours -> transformers names (both tied codebook tables written, as `save_pretrained` expects)."""
+    """Ours -> transformers names. Both tied codebook tables, as separate tensors: written once,
+    transformers 4.57 ties the missing one the wrong way round and leaves it unloaded."""
     top = {v: k for k, v in _TOP_MAP.items()}
     layer = {v: k for k, v in _LAYER_MAP.items()}
     stacks = {v: k for k, v in _STACKS.items()}
@@ -84,7 +85,7 @@ def to_hf_state_dict(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         stack, _, i, *rest = key.split(".")
         out[f"{stacks[stack]}.layers.{i}.{layer['.'.join(rest[:-1])]}.weight"] = value
-    out[_DECODER_EMBED] = ours["audio_embeddings.weight"]
+    out[_DECODER_EMBED] = ours["audio_embeddings.weight"].clone()
     return out
 
 
