@@ -52,7 +52,10 @@ def _funnel_figure(plt, f: dict[str, Any], path: str) -> None:
 def _hist_figure(plt, name: str, values: list[float], path: str) -> None:
     title, xlabel = _TITLES.get(name, (name, name))
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    bins = min(40, max(5, len(np.unique(values))))
+    lo, hi = float(np.min(values)), float(np.max(values))
+    # Values that differ by float rounding only (a probability at 1.0 and 1 - 1e-16) leave numpy
+    # no range to cut into bins: one bar.
+    bins = 1 if hi - lo <= 1e3 * np.spacing(max(abs(lo), abs(hi))) else min(40, max(5, len(np.unique(values))))
     ax.hist(values, bins=bins, color="#4c72b0", edgecolor="white")
     ax.set_title(f"{title} (n={len(values)})", fontsize=10)
     ax.set_xlabel(xlabel, fontsize=8)
