@@ -30,27 +30,25 @@ def main() -> None:
     threadpool_limits(args.threads)
 
     from pipeline.config import load_config
-    from pipeline.ray_runner import build_stages
     from stages.base import process_cpu_seconds
-    from stages.decode import DecodeStage
+    from stages.chain import build_source, build_stages
 
     work = Path(tempfile.mkdtemp(prefix="csm-stages-"))
     config = load_config([], [f"{s}.cpus={args.threads}" for s in ("vad", "diarize", "asr", "tokenize")] + ["tokenize.allow_unreleased=true", *args.set],
                          {"write": {"output": str(work / "out")}})
     inputs = make_inputs(Path(tempfile.gettempdir()) / "csm-bench" / "inputs", args.inputs)
 
-    decode = DecodeStage(config.decode)
+    source = build_source(config)
     t, cpu = time.perf_counter(), process_cpu_seconds()
-    chunks = [c for p in inputs for c in decode.chunks(str(p))]
-    rows = [["decode", "-", f"{time.perf_counter() - t:.2f}", f"{process_cpu_seconds() - cpu:.2f}"]]
+    chunks = [c for p in inputs for c in source.chunks(str(p))]
+    rows = [[source.name, "-", f"{time.perf_counter() - t:.2f}", f"{process_cpu_seconds() - cpu:.2f}"]]
     audio = sum(c.duration for c in chunks)
     from stages.corpus_format import OutputDir
 
     OutputDir(config.write.output).makedirs()
     for stage in build_stages(config):
         t = time.perf_counter()
-        stage.setup()
-        stage._ready = True
+        stage.prepare()
         load = time.perf_counter() - t
         t, cpu = time.perf_counter(), process_cpu_seconds()
         chunks = stage.process_batch(chunks)

@@ -30,46 +30,26 @@ def run(inputs, output, config_files, sets, address, allow_config_change) -> Non
     """Process INPUTS (files, directories, globs, .txt lists, URIs) into a corpus at OUTPUT.
 
     With no INPUTS: the embedded default corpus (pyannote's sample conversation)."""
-    from pipeline.corpus import check_config, completed_sources, write_run_json
     from pipeline.inputs import embedded_default, expand_inputs
-    from pipeline.ray_runner import build_stages, run_pipeline
-    from stages.corpus_format import OutputDir
+    from pipeline.job import run_job
+    from stages.corpus_format import RUN_FILE, OutputDir
 
     embedded = not inputs
     files = ([str(CONFIG_DIR / "embedded.yaml")] if embedded else []) + list(config_files)
     try:
         config = load_config(files, list(sets), {"write": {"output": output}})
         found = expand_inputs(list(inputs) or embedded_default())
+        run = run_job(found, config, address, allow_config_change, " — embedded default corpus" if embedded else "",
+                      {"embedded_default": embedded})
     except (ConfigError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from exc
-    out = OutputDir(output)
-    out.makedirs()
-    out.remove_temporaries()
-    try:
-        check_config(out, config, allow_config_change)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
-    done = completed_sources(out)
-    todo = [i for i in found if i.uri not in done]
-    click.echo(
-        f"[csm-corpus] {len(found)} inputs ({len(found) - len(todo)} already done), output {out.root}"
-        + (" — embedded default corpus" if embedded else ""),
-        err=True,
-    )
-    try:
-        summary = run_pipeline([i.uri for i in todo], [i.size for i in todo], config, address)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
-    stages = {s.name: s.describe() for s in build_stages(config)}
-    stages.update(summary.pop("models"))
-    run = write_run_json(out, config, summary, {"embedded_default": embedded, "inputs_skipped_done": len(found) - len(todo), "models": stages})
     click.echo(
         f"[csm-corpus] done: {run['counts'].get('samples', 0)} samples from {run['audio_hours'] * 3600:.1f} s of audio "
         f"in {run['wall_seconds']:.1f} s ({run['real_time_factor']:.2f}x real time); "
-        f"{sum(run['errors_by_type'].values())} errors; see {out.path('run.json')}",
+        f"{sum(run['errors_by_type'].values())} errors; see {OutputDir(output).path(RUN_FILE)}",
         err=True,
     )
-    codec = stages.get("codec") or {}
+    codec = run["models"].get("codec") or {}
     if codec and not codec.get("released", True):
         click.echo(f"[csm-corpus] WARNING: codes come from {codec.get('weights')}, not the released Mimi weights.", err=True)
 

@@ -15,8 +15,6 @@ from pipeline.config import ConfigError, PipelineConfig, to_dict
 from stages.corpus_format import CONFIG_FILE, RUN_FILE, ChunkRecord, OutputDir, read_error_lines
 
 VERSIONED = ["torch", "torchaudio", "whisperx", "faster-whisper", "ctranslate2", "pyannote.audio", "moshi", "ray", "webdataset", "silero-vad", "av", "numpy", "pyarrow", "transformers"]
-# Keys that may change between runs into the same corpus without changing what is produced.
-_RUNTIME_KEYS = {"run", "write.output"}
 
 
 def package_versions() -> dict[str, str]:
@@ -44,18 +42,13 @@ def completed_sources(out: OutputDir) -> set[str]:
     return {uri for uri, idx in last.items() if seen[uri] == set(range(idx + 1))}
 
 
-# Settings that decide how many workers and how much they hold, never what they write (the Mimi
-# codes do not depend on its batching, tests/test_models.py): a corpus may be resumed with others.
-SCHEDULING_KEYS = ("actors", "memory_gb", "batch_seconds")
-
-
 def _producing_config(config: PipelineConfig) -> dict[str, Any]:
+    """What decides the corpus bytes: the config less `run` and each stage's runtime keys (stages/chain.py)."""
     d = to_dict(config)
     d.pop("run")
-    d["write"].pop("output")
-    for section in d.values():
-        for key in SCHEDULING_KEYS:
-            section.pop(key, None)
+    for section, keys in config.chain.runtime_keys().items():
+        for key in keys:
+            d[section].pop(key)
     return d
 
 

@@ -98,7 +98,6 @@ class Progress:
             "errors_by_type": dict(self.errors),
             "stage_seconds": dict(self.stage_seconds),
             "stage_cpu_seconds": dict(self.stage_cpu),
-            "models": self.models,
             "nodes_used": len(self.nodes),
             "actors_used": {stage: len(ids) for stage, ids in sorted(self.stage_actors.items())},
         }

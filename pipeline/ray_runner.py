@@ -1,5 +1,6 @@
 """The one place stages meet Ray: an adapter that turns any Stage into a Ray Data operator, and the
-runner that wires decode -> ... -> write, streams chunk summaries back and reports progress.
+runner that wires the chain (stages/chain.py: its source, then its stages, none known here by
+name), streams chunk summaries back and reports progress.
 
 Chunks travel between operators as pickled `Chunk` records in a single binary column: explicit,
 so Ray never guesses an Arrow type for them. The last operator sends the driver each chunk's
@@ -12,7 +13,7 @@ import logging
 import os
 import pickle
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -20,36 +21,13 @@ import ray
 
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.progress import Progress
-from stages.asr import AsrStage
 from stages.base import WORKER_BASE_GB, Resources, Stage
-from stages.decode import DecodeStage
-from stages.diarize import DiarizeStage
-from stages.filtering import FilterStage
+from stages.chain import build_source, build_stages
 from stages.corpus_format import INCOMPLETE_SUFFIX, OutputDir, error_lines, incomplete_errors
 from stages.records import Chunk, ErrorRecord, source_id
-from stages.tokenize import TokenizeStage
-from stages.utterances import UtterancesStage
-from stages.vad import VadStage
-from stages.windows import WindowsStage
-from stages.write import WriteStage
 
 log = logging.getLogger(__name__)
 DECODE_RESERVE_CPUS = 1.0  # logical CPUs fused workers leave to the decode tasks
-
-
-def build_stages(config: PipelineConfig) -> list[Stage]:
-    """Every stage after decode, in order."""
-    return [
-        VadStage(config.vad),
-        DiarizeStage(config.diarize),
-        AsrStage(config.asr),
-        UtterancesStage(config.utterances),
-        FilterStage(config.filters, level="utterance"),  # before windows: no rejected utterance inside a kept window
-        WindowsStage(config.windows),
-        FilterStage(config.filters, level="window"),
-        TokenizeStage(config.tokenize),
-        WriteStage(config.write),
-    ]
 
 
 def _dumps(chunks: list[Chunk]) -> dict[str, list[bytes]]:
@@ -183,19 +161,24 @@ def apply_operator(ds: "ray.data.Dataset", op: Operator, max_retries: int, last:
     )
 
 
-def _decode(stage: DecodeStage):
+def _chunks_of(source: Stage):
     def decode(batch: dict[str, np.ndarray]) -> Iterator[dict[str, list[bytes]]]:
         # A generator: a long file's chunks stream out one by one instead of as one huge batch.
         for uri in batch["uri"]:
-            for chunk in stage.chunks(str(uri)):
+            for chunk in source.chunks(str(uri)):
                 yield _dumps([chunk])
 
     return decode
 
 
-def init_ray(address: str | None, config: PipelineConfig) -> None:
-    if ray.is_initialized():
-        return
+def connect(address: str | None, config: PipelineConfig) -> dict[str, float]:
+    """Join the cluster at `address`, or start a local one sized to this machine; its resources."""
+    if not ray.is_initialized():
+        _init_ray(address, config)
+    return ray.cluster_resources()
+
+
+def _init_ray(address: str | None, config: PipelineConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
@@ -209,17 +192,9 @@ def init_ray(address: str | None, config: PipelineConfig) -> None:
     ray.init(num_cpus=num_cpus, num_gpus=config.run.num_gpus, include_dashboard=False, log_to_driver=True)
 
 
-def _use_gpus(config: PipelineConfig) -> PipelineConfig:
-    """Put the model stages on GPUs when the cluster has some and the config left them on CPU."""
-    if ray.cluster_resources().get("GPU", 0) <= 0:
-        return config
-    return replace(config, **{name: replace(getattr(config, name), gpus=0.3)
-                              for name in ("asr", "tokenize", "diarize") if getattr(config, name).gpus == 0.0})
-
-
-def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, address: str | None = None) -> dict[str, Any]:
-    """Process `uris` into config.write.output; returns this run's summary (counts, timings)."""
-    init_ray(address, config)
+def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig) -> dict[str, Any]:
+    """Process `uris` into config.write.output on the cluster `connect` joined; returns this run's
+    summary (counts, timings, the operators and what each stage ran)."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.verbose_stats_logs = False
@@ -228,15 +203,14 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, addr
     # block instead of failing the run, and the source is recorded as an error (record_incomplete).
     # Set before the dataset is built: a dataset copies the context when it is created.
     ctx.max_errored_blocks = -1
-    config = _use_gpus(config)
-    decode = DecodeStage(config.decode)
-    stages = build_stages(config)
+    source, stages = build_source(config), build_stages(config)
     progress = Progress(len(uris), sum(sizes), dict(zip(uris, sizes)), config.run.progress_seconds)
+    models = {s.name: s.describe() for s in stages}  # what each stage runs; workers add codec and diarizer
     if not uris:
-        return progress.summary()
+        return {**progress.summary(), "models": {**models, **progress.models}}
     max_retries = config.run.max_task_retries
     ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris))
-    ds = ds.map_batches(_decode(decode), batch_size=1, num_cpus=decode.resources().cpus, max_retries=max_retries)
+    ds = ds.map_batches(_chunks_of(source), batch_size=1, num_cpus=source.resources().cpus, max_retries=max_retries)
     operators = plan_operators(stages, config, ray.cluster_resources())
     for i, op in enumerate(operators):
         ds = apply_operator(ds, op, max_retries, last=i == len(operators) - 1)
@@ -244,7 +218,7 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, addr
         progress.update(pickle.loads(row["summary"]))
     progress.finish()
     record_incomplete(OutputDir(config.write.output), uris, progress, max_retries)
-    return {**progress.summary(), "operators": [op.describe() for op in operators]}
+    return {**progress.summary(), "models": {**models, **progress.models}, "operators": [op.describe() for op in operators]}
 
 
 def record_incomplete(out: OutputDir, uris: list[str], progress: Progress, max_retries: int) -> None:

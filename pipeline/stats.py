@@ -10,12 +10,13 @@ a second wins, in this order:
 1. `error:<stage>`: the whole chunk, when a stage failed on it (a decode failure of a whole file
    has no decoded duration and counts 0 s; it shows in the error counts).
 2. `kept`: inside a kept utterance of a kept window (the audio whose codes are in the shards).
-3. The rejection records (`rejected/`), in pipeline order: VAD (`vad:no_speech` for a chunk with no
-   speech at all; `vad:non_speech` for time outside every VAD speech region, itself split into
-   pauses between kept utterances inside kept windows and the rest), ASR/utterances
-   (`utterances:empty_transcript`), the utterance filters in their order, the windows stage
-   (`utterance_over_budget`, `too_few_utterances`, `window_too_short`, `single_speaker`), the
-   window filters in their order, and chunk-level `no_windows` last within its stage.
+3. The rejection records (`rejected/`), in chain order (stages/chain.py), each stage's reasons in
+   the order it declares them, chunk-level records last within a stage: VAD (`vad:no_speech` for a
+   chunk with no speech at all; `vad:non_speech` for time outside every VAD speech region, itself
+   split into pauses between kept utterances inside kept windows and the rest), utterances
+   (`utterances:empty_transcript`), the utterance filters (`filter_utterances:<filter>`), the
+   windows stage (`utterance_over_budget`, `too_few_utterances`, `window_too_short`,
+   `single_speaker`), the window filters (`filter_windows:<filter>`).
 4. `unaccounted`: time no record claims (should be ~0; shown so a gap in the records is visible).
 
 So a rejected utterance inside a rejected window counts for the utterance filter that dropped it,
@@ -35,49 +36,29 @@ from typing import Any
 import numpy as np
 
 from pipeline.corpus import chunk_records, read_errors
-from stages.intervals import intersect, length, subtract, union
+from stages.chain import CHAIN, Chain
 from stages.corpus_format import ChunkRecord, OutputDir
+from stages.intervals import intersect, length, subtract, union
 
-STAGE_ORDER = ["decode", "vad", "diarize", "asr", "utterances", "filters:utterance", "windows", "filters:window", "tokenize", "write"]
-REASON_ORDER = {
-    "vad": ["no_speech", "non_speech"],
-    "utterances": ["empty_transcript"],
-    "windows": ["utterance_over_budget", "too_few_utterances", "window_too_short", "single_speaker"],
-}
 PAUSES = "vad:non_speech (pauses between kept utterances)"
 
 
-def _filter_order() -> tuple[list[str], set[str]]:
-    """(all filter names in order, the window-level ones)."""
-    from stages.filters import FILTER_ORDER, WINDOW_FILTERS
-
-    return FILTER_ORDER, {f.name for f in WINDOW_FILTERS}
-
-
-def line_key(stage: str, reason: str, level: str | None) -> str:
-    if stage == "filters":
-        return f"filters:{reason}"
-    return f"{stage}:{reason}"
-
-
 @functools.lru_cache(maxsize=None)
-def line_rank(stage: str, reason: str, level: str | None) -> tuple:
-    """Sort key: pipeline order, then reason order within the stage; chunk-level last in a stage."""
-    if stage == "filters":
-        order, window_names = _filter_order()
-        window = level in ("window", "chunk") or reason in window_names
-        s = STAGE_ORDER.index("filters:window" if window else "filters:utterance")
-    else:
-        s = STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
-        order = REASON_ORDER.get(stage, [])
-    r = order.index(reason) if reason in order else len(order)
+def line_rank(stage: str, reason: str, level: str | None, chain: Chain = CHAIN) -> tuple:
+    """Sort key: chain order, then reason order within the stage; chunk-level last in a stage. A
+    stage the chain does not name (older corpora: `filters`) ranks with the first that declares the reason."""
+    order = chain.funnel_order()
+    names = [name for name, _ in order]
+    s = names.index(stage) if stage in names else next((i for i, (_, rs) in enumerate(order) if reason in rs), len(order))
+    reasons = order[s][1] if s < len(order) else ()
+    r = reasons.index(reason) if reason in reasons else len(reasons)
     return (s, level == "chunk", r, reason)
 
 
 Record = tuple  # (source_id, stage, reason, level, start, end)
 
 
-def funnel(chunks: list[ChunkRecord], rejected: list[dict], manifest: list[dict], errors: list[dict]) -> dict[str, Any]:
+def funnel(chunks: list[ChunkRecord], rejected: list[dict], manifest: list[dict], errors: list[dict], chain: Chain = CHAIN) -> dict[str, Any]:
     """Hours in, attributed to exactly one line each (see the module doc), from the chunk records and row dicts.
     Returns {input_hours, lines: [{line, hours, records}], kept_hours, unaccounted_hours, ...}."""
     recs = [(r["source_id"], r["stage"], r["reason"], r.get("level"), r["start"], r["end"]) for r in rejected]
@@ -87,10 +68,11 @@ def funnel(chunks: list[ChunkRecord], rejected: list[dict], manifest: list[dict]
         windows.append((m["start"], m["end"]))
         uq = m.get("utterance_quality")
         spans += [(u["start"], u["end"]) for u in uq] if uq else [(m["start"], m["end"])]
-    return _funnel(chunks, recs, kept, errors)
+    return _funnel(chunks, recs, kept, errors, chain)
 
 
-def _funnel(chunks: list[ChunkRecord], recs: list[Record], kept: dict[tuple[str, int], tuple[list, list]], errors: list[dict]) -> dict[str, Any]:
+def _funnel(chunks: list[ChunkRecord], recs: list[Record], kept: dict[tuple[str, int], tuple[list, list]], errors: list[dict],
+            chain: Chain) -> dict[str, Any]:
     error_stage: dict[tuple[str, int], str] = {}
     for e in errors:
         if e.get("chunk") is not None:
@@ -108,8 +90,8 @@ def _funnel(chunks: list[ChunkRecord], recs: list[Record], kept: dict[tuple[str,
         sid, stage, reason, level, a, b = r
         key = keys.get((stage, reason, level))
         if key is None:
-            key = keys[(stage, reason, level)] = line_key(stage, reason, level)
-            ranks.setdefault(key, line_rank(stage, reason, level))
+            key = keys[(stage, reason, level)] = f"{stage}:{reason}"
+            ranks.setdefault(key, line_rank(stage, reason, level, chain))
         records[key] += 1
         offs = starts.get(sid)
         if not offs:
@@ -258,7 +240,7 @@ def distributions_from(table, utts: dict[str, np.ndarray]) -> dict[str, np.ndarr
     return d
 
 
-def corpus_stats(root: str, values: bool = False) -> dict[str, Any]:
+def corpus_stats(root: str, values: bool = False, chain: Chain = CHAIN) -> dict[str, Any]:
     """Totals, funnel and distribution summaries; `values=True` also returns the raw distribution
     values under `distribution_values` (numpy arrays, for the report's figures)."""
     out = OutputDir(root)
@@ -317,7 +299,7 @@ def corpus_stats(root: str, values: bool = False) -> dict[str, Any]:
         "rejected_by_level": dict(Counter(r[3] or "window" for r in recs)),
         "rejected_by_reason": dict(sorted(counted.items())),
         "rejected_hours_by_reason": {k: v / 3600 for k, v in sorted(removed.items())},
-        "funnel": _funnel(chunks, recs, kept, errors),
+        "funnel": _funnel(chunks, recs, kept, errors, chain),
         "distributions": {k: _summary(v) for k, v in sorted(dists.items())},
     }
     if values:

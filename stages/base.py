@@ -2,17 +2,19 @@
 so a stage only implements `setup()` (load models, heavy imports) and `process(chunk)`.
 
 Nothing here knows about Ray: `pipeline/ray_runner.py` turns any stage into Ray work, and a stage
-can be run directly (tests, notebooks, the sequential baseline) with `run_stages`.
+can be run directly (tests, notebooks, bench/bench_stages.py) with `process_batch`. Which stages
+run, in which order, is stages/chain.py's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import Any, ClassVar, Iterator
 
 from stages.records import Chunk
 
@@ -32,6 +34,7 @@ class Resources:
     batch_size: int = 1  # chunks per call
     memory_gb: float = 0.0  # host memory the stage's models and buffers add to a worker (see WORKER_BASE_GB)
     uses_model: bool = False  # actor pool (True) or stateless tasks (False)
+    threads: int | None = None  # torch intra-op threads while the stage works; None: from `cpus`
 
 
 def process_cpu_seconds() -> float:
@@ -77,31 +80,45 @@ class Stage:
     def process(self, chunk: Chunk) -> Chunk:
         raise NotImplementedError
 
-    def process_batch(self, chunks: list[Chunk]) -> list[Chunk]:
+    @contextlib.contextmanager
+    def threads(self) -> Iterator[None]:
+        """torch's intra-op threads set for this stage while it works, then put back: in a fused
+        worker every stage runs on its own count, not on whichever setup() came last. Stages
+        without a model do no torch work and leave it alone."""
+        res = self.resources()
+        if not res.uses_model:
+            yield
+            return
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(res.threads or torch_threads(res.cpus))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def prepare(self) -> None:
+        """setup(), once, under the stage's thread count; the first process_batch calls it."""
         if not self._ready:
-            self.setup()
+            with self.threads():
+                self.setup()
             self._ready = True
-        out = []
-        for chunk in chunks:
-            if chunk.done and not self.handles_done:  # failed or rejected upstream: pass through
-                out.append(chunk)
-                continue
-            clock = Clock()
-            try:
-                chunk = self.process(chunk)
-                self.counters["ok"] += 1
-            except Exception as exc:  # recorded, never lost: the writer turns it into errors/
-                chunk.fail(self.name, exc)
-                self.counters[f"error:{type(exc).__name__}"] += 1
-            clock.charge(chunk, self.name)
-            out.append(chunk)
-        return out
 
+    def process_batch(self, chunks: list[Chunk]) -> list[Chunk]:
+        self.prepare()
+        with self.threads():
+            return [self._process_one(chunk) for chunk in chunks]
 
-def run_stages(chunks: Iterable[Chunk], stages: list[Stage]) -> Iterator[Chunk]:
-    """Run stages one chunk at a time in this process (no Ray)."""
-    for chunk in chunks:
-        batch = [chunk]
-        for stage in stages:
-            batch = stage.process_batch(batch)
-        yield from batch
+    def _process_one(self, chunk: Chunk) -> Chunk:
+        if chunk.done and not self.handles_done:  # failed or rejected upstream: pass through
+            return chunk
+        clock = Clock()
+        try:
+            chunk = self.process(chunk)
+            self.counters["ok"] += 1
+        except Exception as exc:  # recorded, never lost: the writer turns it into errors/
+            chunk.fail(self.name, exc)
+            self.counters[f"error:{type(exc).__name__}"] += 1
+        clock.charge(chunk, self.name)
+        return chunk

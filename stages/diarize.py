@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.base import Resources, Stage, torch_threads
+from stages.base import Resources, Stage
 from stages.diarizer import build_offline_pipeline, diarize_waveform, hub_token, load_pretrained_pipeline, pipeline_identity
 from stages.records import Chunk, Region, Turn
 
@@ -171,7 +171,6 @@ class DiarizeStage(Stage):
     def setup(self) -> None:
         import torch
 
-        torch.set_num_threads(torch_threads(self.config.cpus))
         self.device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.config.pipeline:
             self.pipeline = load_pretrained_pipeline(self.config.pipeline, hub_token())

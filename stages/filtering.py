@@ -16,7 +16,7 @@ JSON's `quality`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from stages.base import Stage
 from stages.filters import FiltersConfig, check, make_filters
@@ -62,34 +62,26 @@ def non_speech_gaps(chunk: Chunk, ctx: SignalContext) -> list[tuple[float, float
 
 
 class FilterStage(Stage):
-    name = "filters"
+    """The rules of one level (`level`), from the shared `filters` config section."""
 
-    def __init__(self, config: FiltersConfig, level: str = "utterance"):
+    level: ClassVar[str]  # "utterance" | "window"
+
+    def __init__(self, config: FiltersConfig):
         super().__init__(config)
-        if level not in ("utterance", "window"):
-            raise ValueError(f"level must be 'utterance' or 'window', got {level!r}")
-        self.level = level
-        self.filters = make_filters(config, level)
+        self.filters = make_filters(config, self.level)
 
     def describe(self) -> dict[str, Any]:
-        # Both instances describe every filter (run.json keys stages by name, so they share one entry).
-        return {
-            f"{level}_filters": [
-                {"name": f.name, "measures": f.description, **f.thresholds(), **({"disabled": True} if f.name in self.config.disable else {})}
-                for f in make_filters(self.config, level)
-            ]
-            for level in ("utterance", "window")
-        }
+        return {"filters": [
+            {"name": f.name, "measures": f.description, **f.thresholds(), **({"disabled": True} if f.name in self.config.disable else {})}
+            for f in self.filters
+        ]}
+
+
+class UtteranceFilterStage(FilterStage):
+    name, level = "filter_utterances", "utterance"
 
     def process(self, chunk: Chunk) -> Chunk:
         ctx = SignalContext(chunk)
-        if self.level == "utterance":
-            self.filter_utterances(chunk, ctx)
-        else:
-            self.filter_windows(chunk, ctx)
-        return chunk
-
-    def filter_utterances(self, chunk: Chunk, ctx: SignalContext) -> None:
         sid = chunk.recording.id
         # Non-speech time gets its own records, so the funnel accounts for every second of input.
         for a, b in non_speech_gaps(chunk, ctx):
@@ -105,8 +97,14 @@ class FilterStage(Stage):
                 chunk.rejected.append(Rejection(sid, self.name, reason, u.start, u.end, value, level="utterance"))
                 self.counters[f"rejected:{reason}"] += 1
         chunk.utterances = kept
+        return chunk
 
-    def filter_windows(self, chunk: Chunk, ctx: SignalContext) -> None:
+
+class WindowFilterStage(FilterStage):
+    name, level = "filter_windows", "window"
+
+    def process(self, chunk: Chunk) -> Chunk:
+        ctx = SignalContext(chunk)
         sid = chunk.recording.id
         kept: list[Window] = []
         for w in chunk.windows:
@@ -125,3 +123,4 @@ class FilterStage(Stage):
         chunk.windows = kept
         if not kept:
             chunk.reject(self.name, "no_windows")
+        return chunk

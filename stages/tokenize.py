@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.base import Resources, Stage, torch_threads
+from stages.base import Resources, Stage
 from stages.hub import hub_file
 from stages.records import CODEC_RATE, Chunk
 
@@ -185,7 +185,6 @@ class TokenizeStage(Stage):
     def setup(self) -> None:
         import torch
 
-        torch.set_num_threads(torch_threads(self.config.cpus))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         model, self.identity = load_mimi(self.config, self.device)
         self.model = use_whole_clip_encoder(model)

@@ -46,15 +46,13 @@ class VadStage(Stage):
 
     def resources(self) -> Resources:
         c = self.config
-        return Resources(cpus=c.cpus, actors=c.actors, memory_gb=c.memory_gb, uses_model=True)
-
-    def setup(self) -> None:
-        import torch
-        from silero_vad import load_silero_vad
-
         # Silero runs 512-sample steps: extra threads only spin (2 threads measured 30x slower
         # than 1 here), so it always gets one, whatever the worker declares.
-        torch.set_num_threads(1)
+        return Resources(cpus=c.cpus, actors=c.actors, memory_gb=c.memory_gb, uses_model=True, threads=1)
+
+    def setup(self) -> None:
+        from silero_vad import load_silero_vad
+
         self.model = load_silero_vad()
 
     def describe(self) -> dict:

@@ -119,7 +119,8 @@ def test_changed_config_on_existing_output_is_refused(embedded_run):
 
 def plan(cluster: dict[str, float], *sets: str) -> dict[str, "Operator"]:  # noqa: F821
     from pipeline.config import load_config
-    from pipeline.ray_runner import build_stages, plan_operators
+    from pipeline.ray_runner import plan_operators
+    from stages.chain import build_stages
 
     config = load_config([], list(sets))
     return {"+".join(s.name for s in op.stages): op for op in plan_operators(build_stages(config), config, cluster)}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from stages.filtering import FilterStage
+from stages.filtering import UtteranceFilterStage, WindowFilterStage
 from stages.filters import FILTER_ORDER, FiltersConfig, check, make_filters, repeat_ratio
 from stages.intervals import complement
 from stages.signal import SignalContext, snr_estimate
@@ -50,13 +50,14 @@ def make_chunk(audio: np.ndarray, vad_model=None, speech: list[Region] | None = 
 
 
 def run_level(chunk: Chunk, level: str, config: FiltersConfig | None = None) -> Chunk:
-    [out] = FilterStage(config or FiltersConfig(), level=level).process_batch([chunk])
+    stage = UtteranceFilterStage if level == "utterance" else WindowFilterStage
+    [out] = stage(config or FiltersConfig()).process_batch([chunk])
     assert not out.failed, out.errors
     return out
 
 
-def reasons(chunk: Chunk, stage: str = "filters") -> list[str]:
-    return [r.reason for r in chunk.rejected if r.stage == stage]
+def reasons(chunk: Chunk, stages: tuple[str, ...] = ("filter_utterances", "filter_windows")) -> list[str]:
+    return [r.reason for r in chunk.rejected if r.stage in stages]
 
 
 def seconds(n: float) -> np.ndarray:
@@ -118,7 +119,7 @@ def test_text_over_non_speech_is_rejected_as_text_in_silence(kind, vad_model):
     chunk = make_chunk(audio, vad_model)
     chunk.utterances = [Utterance("A", 1.0, 7.0, SENTENCE)]
     chunk = run_level(chunk, "utterance")
-    [rej] = [r for r in chunk.rejected if r.stage == "filters"]
+    [rej] = [r for r in chunk.rejected if r.stage == "filter_utterances"]
     assert (rej.reason, rej.level, rej.start, rej.end) == ("text_in_silence", "utterance", 1.0, 7.0)
     assert rej.metric < 0.3 and chunk.utterances == []
 
@@ -150,7 +151,7 @@ def test_utterance_filters_reject_with_their_reason(speech, vad_model, text, sta
     chunk = make_chunk(speech, vad_model)
     chunk.utterances = [Utterance("S", start, end, text, **fields)]
     chunk = run_level(chunk, "utterance", config)
-    [rej] = [r for r in chunk.rejected if r.stage == "filters"]
+    [rej] = [r for r in chunk.rejected if r.stage == "filter_utterances"]
     assert rej.reason == reason and rej.level == "utterance" and rej.metric is not None
     assert (rej.start, rej.end, rej.source_id) == (start, end, "src-0123456789")
     assert chunk.utterances == []
@@ -232,10 +233,9 @@ def test_min_speakers_is_off_by_default_and_rejects_monologues_when_on(speech, v
 
 
 def test_describe_lists_every_filter_with_thresholds():
-    d = FilterStage(FiltersConfig(), "window").describe()
-    names = [f["name"] for f in d["utterance_filters"] + d["window_filters"]]
-    assert names == FILTER_ORDER
-    assert d["window_filters"][2]["min_snr_db"] == 5.0
+    utt, win = (stage(FiltersConfig()).describe()["filters"] for stage in (UtteranceFilterStage, WindowFilterStage))
+    assert [f["name"] for f in utt + win] == FILTER_ORDER
+    assert win[2]["min_snr_db"] == 5.0
 
 
 def test_conversational_config_turns_on_min_speakers(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.stats import PAUSES, corpus_stats, format_stats, funnel
+from pipeline.stats import PAUSES, corpus_stats, format_stats, funnel, line_rank
 from stages.corpus_format import ChunkRecord
 from tests.conftest import run_cli
 
@@ -34,10 +34,10 @@ def test_funnel_attributes_every_second_once_in_pipeline_order():
     rejected = [
         # listed out of order on purpose: attribution follows the pipeline, not the file
         _rej("windows", "window_too_short", 50.0, 60.0, "window"),
-        _rej("filters", "text_in_silence", 55.0, 57.0),
-        _rej("filters", "text_in_silence", 40.0, 50.0),
+        _rej("filter_utterances", "text_in_silence", 55.0, 57.0),
+        _rej("filter_utterances", "text_in_silence", 40.0, 50.0),
         *[_rej("vad", "non_speech", a, b, "region") for a, b in [(0, 10), (15, 16), (30, 40), (52, 53), (60, 100)]],
-        _rej("filters", "snr", 120.0, 130.0, "window"),  # inside the failed chunk: the error wins
+        _rej("filter_windows", "snr", 120.0, 130.0, "window"),  # inside the failed chunk: the error wins
     ]
     f = funnel(chunks, rejected, manifest, errors)
     got = {x["line"]: round(x["hours"] * 3600, 6) for x in f["lines"]}
@@ -45,14 +45,26 @@ def test_funnel_attributes_every_second_once_in_pipeline_order():
         "error:asr": 50.0,
         PAUSES: 1.0,  # the pause between the two kept utterances
         "vad:non_speech": 61.0,
-        "filters:text_in_silence": 12.0,  # inside the rejected window, the utterance filter came first
+        "filter_utterances:text_in_silence": 12.0,  # inside the rejected window, the utterance filter came first
         "windows:window_too_short": 7.0,
-        "filters:snr": 0.0,
+        "filter_windows:snr": 0.0,
     }
-    assert [x["line"] for x in f["lines"]] == ["error:asr", PAUSES, "vad:non_speech", "filters:text_in_silence", "windows:window_too_short", "filters:snr"]
+    assert [x["line"] for x in f["lines"]] == [
+        "error:asr", PAUSES, "vad:non_speech", "filter_utterances:text_in_silence", "windows:window_too_short", "filter_windows:snr"]
     assert f["kept_hours"] * 3600 == pytest.approx(19.0)
     assert f["unaccounted_hours"] == 0.0
     assert f["total_hours"] == pytest.approx(f["input_hours"]) == pytest.approx(150 / 3600)
+
+
+def test_funnel_order_is_the_chain_order():
+    from stages.chain import CHAIN
+
+    ranks = [line_rank(name, reason, "utterance") for name, reasons in CHAIN.funnel_order() for reason in reasons]
+    assert ranks == sorted(ranks)
+    assert line_rank("windows", "no_windows", "chunk") > line_rank("windows", "single_speaker", "window")  # chunk-level last
+    # Older corpora named both filter stages `filters`: each reason ranks with the stage that declares it now.
+    assert line_rank("filters", "snr", "window")[0] == line_rank("filter_windows", "snr", "window")[0]
+    assert line_rank("filters", "repetition", "utterance")[0] == line_rank("filter_utterances", "repetition", "utterance")[0]
 
 
 def test_funnel_shows_time_no_record_claims():

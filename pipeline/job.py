@@ -1,0 +1,34 @@
+"""`pipeline run` without the command line: prepare the corpus directory, join the cluster, place
+the GPU stages, store the config's digest (frozen from there on), process the inputs that are not
+done yet and write run.json."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from pipeline.config import PipelineConfig
+from pipeline.corpus import check_config, completed_sources, write_run_json
+from pipeline.inputs import Input
+from stages.chain import place_on_gpus
+from stages.corpus_format import OutputDir
+
+
+def run_job(inputs: list[Input], config: PipelineConfig, address: str | None = None, allow_config_change: bool = False,
+            note: str = "", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Process `inputs` into config.write.output; returns what run.json holds. `note` ends the
+    first progress line; `extra` goes into run.json."""
+    from pipeline.ray_runner import connect, run_pipeline  # the one module that imports ray
+
+    out = OutputDir(config.write.output)
+    out.makedirs()
+    out.remove_temporaries()
+    cluster = connect(address, config)
+    config = place_on_gpus(config, cluster.get("GPU", 0.0))
+    check_config(out, config, allow_config_change)
+    done = completed_sources(out)
+    todo = [i for i in inputs if i.uri not in done]
+    print(f"[csm-corpus] {len(inputs)} inputs ({len(inputs) - len(todo)} already done), output {out.root}{note}",
+          file=sys.stderr, flush=True)
+    summary = run_pipeline([i.uri for i in todo], [i.size for i in todo], config)
+    return write_run_json(out, config, summary, {**(extra or {}), "inputs_skipped_done": len(inputs) - len(todo)})
