@@ -14,17 +14,10 @@ from train.cli import generate as generate_cmd
 from train.config import load_config, parse_sets
 from train.model import FLAVOURS
 from train.testing import make_shards, tiny_tokenizer
+from test_train import one_thread  # noqa: F401 (autouse fixture)
 
 transformers = pytest.importorskip("transformers")
 N, TEXT_V = 32, 96
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _hf_tiny(path):

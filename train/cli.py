@@ -68,22 +68,21 @@ def export(run_dir, step, output):
 @click.option("--temperature", type=float, default=None, help="0: greedy.")
 @click.option("--top-k", type=int, default=None)
 @click.option("--seed", type=int, default=None)
-@click.option("--mimi", "mimi_weights", default=None, help="Local Mimi safetensors (default: the hub's released file).")
+@click.option("--mimi", default=None, help="Local Mimi safetensors (default: the hub's released file).")
 @click.option("--allow-unreleased-codec", is_flag=True,
               help="Decode with the seeded random Mimi when the released one cannot be had (noise, marked).")
 def generate(model, text, contexts, shards, output, step, tokenizer, max_seconds, temperature, top_k, seed,
-             mimi_weights, allow_unreleased_codec):
+             mimi, allow_unreleased_codec):
     """Speak TEXT with MODEL (a run directory, a transformers-format directory or a hub id) into a WAV."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from train import generate as gen
     from train.config import GenerateConfig
 
     g = GenerateConfig(**{k: v for k, v in dict(max_seconds=max_seconds, temperature=temperature, top_k=top_k,
-                                                  seed=seed).items() if v is not None})
+                                                  seed=seed, mimi=mimi).items() if v is not None})
     try:
         loaded = gen.load(model, step, tokenizer)
-        codec, codec_id = gen.load_codec(loaded.model.N, allow_unreleased_codec or loaded.allow_unreleased_codec,
-                                         mimi_weights)
+        codec, codec_id = gen.load_codec(loaded.model.N, allow_unreleased_codec or loaded.allow_unreleased_codec, g.mimi)
         rows = []
         for c in contexts:
             if "|" in c:

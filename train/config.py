@@ -82,6 +82,7 @@ class GenerateConfig:
     top_k: int = 50
     max_seconds: float = 10.0
     seed: int = 0
+    mimi: str | None = None  # local Mimi safetensors; None: the released file from the hub
 
 
 @dataclass(frozen=True)

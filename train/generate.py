@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from train.config import GenerateConfig
-from train.data import segment_rows  # noqa: F401 (the CLI builds context turns with it)
+from train.data import MIMI_CODES, segment_rows  # segment_rows: the CLI builds context turns with it
 from train.model import CSM, KVCache
 
 log = logging.getLogger(__name__)
@@ -144,10 +144,16 @@ def load_codec(num_codebooks: int, allow_unreleased: bool, weights: str | None =
     only when allowed (it warns loudly); returns (model, identity)."""
     from stages.tokenize import TokenizeConfig, load_mimi, use_whole_clip_encoder
 
+    from stages.tokenize import CodecUnavailable
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.random.fork_rng(devices=[]):  # load_mimi seeds the global RNG for the random Mimi
-        model, identity = load_mimi(TokenizeConfig(weights=weights, num_codebooks=num_codebooks,
-                                                   allow_unreleased=allow_unreleased), device)
+    try:
+        with torch.random.fork_rng(devices=[]):  # load_mimi seeds the global RNG for the random Mimi
+            model, identity = load_mimi(TokenizeConfig(weights=weights, num_codebooks=num_codebooks,
+                                                       allow_unreleased=allow_unreleased), device)
+    except CodecUnavailable as e:
+        raise RuntimeError(f"{e} Here: `pipeline generate --mimi FILE` or generate.mimi (trainer), or "
+                           "--allow-unreleased-codec for the seeded random Mimi.") from e
     return use_whole_clip_encoder(model), identity
 
 
@@ -157,7 +163,10 @@ def decode_audio(codec, frames: torch.Tensor) -> np.ndarray:
     if len(frames) == 0:
         return np.zeros(0, np.float32)
     device = next(codec.parameters()).device
-    audio = codec.decode(frames.T[None].long().to(device))
+    special = frames >= MIMI_CODES  # the model's vocabulary has 3 codes past Mimi's; they decode as 0
+    if special.any():
+        log.warning("%d generated codes are specials (>= %d) Mimi cannot decode: decoded as 0", int(special.sum()), MIMI_CODES)
+    audio = codec.decode(frames.masked_fill(special, 0).T[None].long().to(device))
     return audio[0, 0].float().cpu().numpy()
 
 

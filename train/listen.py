@@ -33,9 +33,10 @@ class Listener:
     def _load(self) -> None:
         self.loaded = True
         try:
-            self.codec, self.codec_id = generate.load_codec(self.cfg.model.num_codebooks, self.cfg.data.allow_unreleased_codec)
+            self.codec, self.codec_id = generate.load_codec(self.cfg.model.num_codebooks, self.cfg.data.allow_unreleased_codec,
+                                                            self.cfg.generate.mimi)
         except Exception as e:  # noqa: BLE001 - no codec: keep the frames, say so
-            log.warning("!!! samples: no Mimi to decode with (%s); writing frames only", e)
+            log.warning("!!! samples: no Mimi to decode with (%s) [trainer: set generate.mimi]; writing frames only", e)
         if self.codec is None:
             return
         try:
