@@ -161,6 +161,7 @@ def test_config_overrides_strict(tmp_path):
     with pytest.raises(KeyError, match="data.shuffle_bufer"):
         load_config(str(bad))
     load_config("configs/train/1b.yaml")
+    assert load_config("configs/train/csm-1b-finetune.yaml").model.init_from == "sesame/csm-1b"
 
 
 def test_missing_tokenizer_names_the_config_key(tmp_path):
