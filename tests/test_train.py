@@ -197,6 +197,18 @@ def test_resume_at_odd_step_with_two_workers_gives_same_losses(tmp_path, corpus)
     assert abs(evals[0]["eval_decoder_loss"] - sum(per_cb[1:]) / (N - 1)) < 1e-9
 
 
+def test_eval_in_decoder_chunks_equals_one_pass(corpus, monkeypatch):
+    cfg = _cfg(corpus)
+    model = loop.build_model(cfg, data.load_tokenizer(cfg.data.tokenizer))
+    batches = [_batch(corpus / "data", cfg, n=2)]
+    whole = loop.evaluate(model, batches, cfg, Dist())
+    monkeypatch.setattr(loop, "EVAL_DECODER_FRAMES", 7)
+    chunked = loop.evaluate(model, batches, cfg, Dist())
+    assert whole.keys() == chunked.keys() and len([k for k in whole if k.startswith("eval_cb")]) == N
+    for k in whole:
+        assert abs(whole[k] - chunked[k]) < 1e-5, k
+
+
 @pytest.mark.parametrize("start", [1, 3, 4])
 def test_batch_stream_resumes_at_any_position_with_two_workers(corpus, start):
     cfg = _cfg(corpus, **{"data.epoch_batches": 5, "data.micro_batch_size": 1})

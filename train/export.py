@@ -26,8 +26,13 @@ def _codec_tensors(init_from: str | None) -> dict[str, torch.Tensor]:
         return {}
     from safetensors import safe_open
 
+    try:
+        path = hf.resolve(init_from)
+    except RuntimeError as e:  # the run's starting point is gone or offline: export without its codec
+        log.warning("!!! export: cannot read the codec of model.init_from (%s)", e)
+        return {}
     out = {}
-    for f in sorted(hf.resolve(init_from).glob("*.safetensors")):
+    for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             out.update({k: st.get_tensor(k) for k in st.keys() if k.startswith(hf.CODEC_PREFIX)})
     return out

@@ -119,6 +119,9 @@ def train_step(model, optimizer, scheduler, micro_batches, cfg: Config, step: in
     }
 
 
+EVAL_DECODER_FRAMES = 1024  # decoder frames per eval forward: all frames of a batch at once can take GBs
+
+
 @torch.no_grad()
 def evaluate(model, batches: list[dict], cfg: Config, d: parallel.Dist) -> dict:
     """Same held-out batches on every rank (so FSDP's collectives line up); the decoder on every
@@ -128,8 +131,13 @@ def evaluate(model, batches: list[dict], cfg: Config, d: parallel.Dist) -> dict:
     sums, frames = torch.zeros(N, dtype=torch.float64), 0
     for b in batches:
         b = loss.prepare(b, 1.0, cfg.train.seed, 0, N)
-        with autocast(cfg, d.device):
-            sums += loss.codebook_loss_sums(model, _to(b, d.device), N).double().cpu()
+        (dec_b, dec_t), none = b["dec_index"], (b["c0_index"][0][:0], b["c0_index"][1][:0])
+        # Same number of forwards on every rank (same batches): codebook 0 in the first only.
+        for i, start in enumerate(range(0, max(1, len(dec_b)), EVAL_DECODER_FRAMES)):
+            end = start + EVAL_DECODER_FRAMES
+            part = {**b, "c0_index": b["c0_index"] if i == 0 else none, "dec_index": (dec_b[start:end], dec_t[start:end])}
+            with autocast(cfg, d.device):
+                sums += loss.codebook_loss_sums(model, _to(part, d.device), N).double().cpu()
         frames += b["c0_count"]
     model.train()
     per_cb = (sums / max(1, frames)).tolist()
