@@ -73,6 +73,26 @@ def stats(directory: str, as_json: bool, report: str | None) -> None:
         click.echo(f"[csm-corpus] report: {report} ({len(pngs)} figures)", err=True)
 
 
+@main.command()
+@click.argument("directory")
+@click.option("--output", "-o", required=True, help="Packed corpus directory (local path or URI).")
+@click.option("--shard-size", default="1GB", show_default=True, help="Target shard size (e.g. 500MB, 1GB).")
+@click.option("--val-fraction", default=0.005, show_default=True, type=float, help="Share of sources held out in val/.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the shuffle and the split.")
+def pack(directory: str, output: str, shard_size: str, val_fraction: float, seed: int) -> None:
+    """Repack the corpus at DIRECTORY into shuffled train/ and val/ shards of about --shard-size."""
+    from pipeline.pack import pack as run_pack
+    from pipeline.pack import parse_size
+
+    try:
+        summary = run_pack(directory, output, parse_size(shard_size), val_fraction, seed)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    splits = ", ".join(f"{k}: {v['samples']} samples in {v['shards']} shards from {v['sources']} sources"
+                       for k, v in summary["splits"].items())
+    click.echo(f"[csm-corpus] packed {splits}; {summary['duplicates']} duplicate samples dropped (duplicates.parquet)", err=True)
+
+
 from train.cli import export, generate, train  # noqa: E402  (registered after the group exists)
 
 main.add_command(train, name="train")

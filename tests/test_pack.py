@@ -120,3 +120,16 @@ def test_packing_twice_or_after_an_interruption_gives_the_same_bytes(tmp_path):
 def test_pack_of_a_directory_without_a_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no samples"):
         pack(str(tmp_path), str(tmp_path / "out"), 10**6, 0.0, 0)
+
+
+def test_pack_command(tmp_path):
+    from conftest import run_cli
+
+    make_corpus(tmp_path / "corpus", sources=3, chunks=1)
+    result = run_cli(["pack", str(tmp_path / "corpus"), "--output", str(tmp_path / "packed"), "--shard-size", "20KB",
+                      "--val-fraction", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert "duplicate samples dropped" in result.output and (tmp_path / "packed" / "pack.json").exists()
+    assert len(list((tmp_path / "packed" / "train").glob("*.tar"))) >= 2
+    bad = run_cli(["pack", str(tmp_path / "corpus"), "--output", str(tmp_path / "x"), "--shard-size", "huge"])
+    assert bad.exit_code != 0 and "--shard-size" in bad.output
