@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from stages.base import Stage
+from stages.base import Resources, Stage
 from stages.filters import FiltersConfig, check, make_filters
 from stages.intervals import complement
 from stages.records import Chunk, Rejection, Utterance, Window
@@ -41,6 +41,7 @@ def utterance_quality(u: Utterance) -> dict[str, Any]:
         "repeat_ratio": float(u.metrics.get("repeat_ratio", 0.0)),
         "language": str(u.language),
         "language_prob": float(u.metrics.get("language_prob", 1.0)),
+        **{k: float(u.metrics[k]) for k in DNSMOS_KEYS if k in u.metrics},
     }
 
 
@@ -55,6 +56,9 @@ def window_metrics(w: Window) -> dict[str, float]:
         "max_repeat_ratio": float(max(u.metrics.get("repeat_ratio", 0.0) for u in utts)),
         "min_language_prob": float(min(u.metrics.get("language_prob", 1.0) for u in utts)),
     }
+
+
+DNSMOS_KEYS = ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl")
 
 
 def non_speech_gaps(chunk: Chunk, ctx: SignalContext) -> list[tuple[float, float]]:
@@ -102,9 +106,21 @@ class UtteranceFilterStage(FilterStage):
 
 class WindowFilterStage(FilterStage):
     name, level = "filter_windows", "window"
+    model = None  # DNSMOS, when filters.dnsmos
+
+    def resources(self) -> Resources:
+        if not self.config.dnsmos:
+            return super().resources()
+        return Resources(cpus=1.0, actors=None, uses_model=True, memory_gb=0.1)  # an onnxruntime session of one thread
+
+    def setup(self) -> None:
+        if self.config.dnsmos:
+            from stages.dnsmos import Dnsmos
+
+            self.model = Dnsmos(threads=1)
 
     def process(self, chunk: Chunk) -> Chunk:
-        ctx = SignalContext(chunk)
+        ctx = SignalContext(chunk, self.model)
         sid = chunk.recording.id
         kept: list[Window] = []
         for w in chunk.windows:

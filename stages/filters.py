@@ -73,6 +73,14 @@ class FiltersConfig:
     clip_level: float = 0.99  # |sample| at or above this (full scale 1.0) counts as clipped
     min_snr_db: float = 5.0
     min_speakers: int = 1  # 2 in configs/conversational.yaml
+    # DNSMOS P.835 overall quality (1-5) of the window's speech. bench/bench_dnsmos.py: white noise
+    # and a tone score 0.96-1.09; espeak speech 1.9-2.5 clean and 1.5 at 0 dB SNR; pyannote's
+    # telephone sample 2.3-3.2 per turn. 1.3 rejects noise-like audio (a hallucinated transcript over
+    # noise) and keeps narrowband and noisy speech; Emilia-Pipe's 3.0 suits studio corpora but would
+    # drop most of a telephone call. Not a music detector: chords score 2.1-2.4 (speech_ratio and
+    # snr catch those).
+    min_dnsmos_ovrl: float = 1.3
+    dnsmos: bool = True  # score windows and utterances with DNSMOS (about 12-24x real time on one core)
     # --- switches ---
     disable: list[str] = field(default_factory=list)  # filter names that measure but never reject
 
@@ -311,6 +319,21 @@ class Snr(Filter):
         return {"min_snr_db": self.config.min_snr_db}
 
 
+class Dnsmos(Filter):
+    name, level = "dnsmos", "window"
+    description = "DNSMOS P.835 overall quality of the window's speech below min_dnsmos_ovrl (off with dnsmos: false)"
+
+    def measure(self, w: Window, ctx):
+        return ctx.dnsmos(w.utterances)
+
+    def reject(self, m):
+        v = m.get("dnsmos_ovrl")
+        return v if v is not None and v < self.config.min_dnsmos_ovrl else None
+
+    def thresholds(self):
+        return {"min_dnsmos_ovrl": self.config.min_dnsmos_ovrl, "enabled": self.config.dnsmos}
+
+
 class MinSpeakers(Filter):
     name, level = "min_speakers", "window"
     description = "fewer distinct speakers in the window than min_speakers (off at 1)"
@@ -328,7 +351,7 @@ class MinSpeakers(Filter):
 UTTERANCE_FILTERS: tuple[type[Filter], ...] = (
     UtteranceDuration, TextInSilence, AsrLogprob, AsrNoSpeech, SpeakingRate, Repetition, PhantomPhrase, Language, Overlap,
 )
-WINDOW_FILTERS: tuple[type[Filter], ...] = (SpeechRatio, Clipping, Snr, MinSpeakers)
+WINDOW_FILTERS: tuple[type[Filter], ...] = (SpeechRatio, Clipping, Snr, Dnsmos, MinSpeakers)
 # The order in which rejections are attributed (pipeline/stats.py uses it for the funnel).
 FILTER_ORDER = [f.name for f in UTTERANCE_FILTERS + WINDOW_FILTERS]
 

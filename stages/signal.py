@@ -2,8 +2,9 @@
 
 - `snr_db`: mean power of VAD speech frames over mean power of non-speech frames (frames at least
   0.1 s away from speech; from the window, else from the whole chunk; with no non-speech frames at
-  all, the 10th percentile of frame power stands in for the noise floor). Not a MOS predictor: none
-  installs offline.
+  all, the 10th percentile of frame power stands in for the noise floor).
+- `dnsmos_sig`, `dnsmos_bak`, `dnsmos_ovrl` (stages/dnsmos.py): Microsoft's DNSMOS P.835 for a
+  window's utterances, joined, and for each utterance (`SignalContext.dnsmos`).
 - `clipping_ratio` (stages/filters.py): fraction of samples at or above `clip_level` of full scale
   (after resampling a clipped plateau ripples a little, so this slightly undercounts clipping in
   resampled files).
@@ -22,8 +23,9 @@ _FRAME = 320  # 20 ms at 16 kHz, for energy measures
 class SignalContext:
     """Per-chunk cached views for signal metrics (frame powers, speech intervals)."""
 
-    def __init__(self, chunk: Chunk):
+    def __init__(self, chunk: Chunk, dnsmos=None):
         self.chunk = chunk
+        self.dnsmos_model = dnsmos  # a stages.dnsmos.Dnsmos, or None: not scored
         self.offset = chunk.offset
         self.speech = union([(r.start, r.end) for r in chunk.speech])
         self.channel_speech = [union([(r.start, r.end) for r in regions]) for regions in chunk.channel_speech]
@@ -65,6 +67,19 @@ class SignalContext:
                 mask[lo:hi] = True
             self._masks[guard] = mask
         return self._masks[guard]
+
+    def dnsmos(self, utterances: list[Utterance]) -> dict[str, float]:
+        """DNSMOS of the utterances joined (duration-weighted over them); each utterance's own
+        scores go to its `metrics`. {} when no model was given."""
+        from stages.dnsmos import score_spans
+
+        if self.dnsmos_model is None or not utterances:
+            return {}
+        scores = score_spans(self.dnsmos_model, [self.samples(u.start, u.end) for u in utterances])
+        for u, sc in zip(utterances, scores):
+            u.metrics.update({f"dnsmos_{k}": round(v, 4) for k, v in sc.items()})
+        weights = [max(u.duration, 1e-6) for u in utterances]
+        return {f"dnsmos_{k}": float(np.average([sc[k] for sc in scores], weights=weights)) for k in ("sig", "bak", "ovrl")}
 
     def utterance_speech(self, u: Utterance) -> list[tuple[float, float]]:
         if self.chunk.speaker_mode == "channels" and u.channel < len(self.channel_speech):

@@ -203,6 +203,30 @@ def test_snr_catches_noise_a_steady_tone_and_silence_that_fooled_vad(kind):
     assert chunk.rejected[0].metric < FiltersConfig().min_snr_db
 
 
+@pytest.mark.parametrize("kind", ["noise", "tone"])
+def test_dnsmos_rejects_noise_like_audio_that_passed_the_other_filters(kind):
+    # Not music: DNSMOS rates the pulsing chord of music() 2.06, speech-like (speech_ratio catches it).
+    audio = {"noise": noise(8), "tone": tone(8)}[kind]
+    config = FiltersConfig(disable=["speech_ratio", "snr"])  # as if VAD and the SNR estimate were fooled
+    chunk = run_level(_window_chunk(audio, speech=[Region(0.0, 8.0)]), "window", config)
+    assert reasons(chunk)[0] == "dnsmos"
+    assert chunk.rejected[0].metric < FiltersConfig().min_dnsmos_ovrl
+
+
+def test_dnsmos_keeps_real_speech_and_scores_every_utterance(speech, vad_model, reference):
+    chunk = make_chunk(speech, vad_model)
+    chunk.windows = [Window(0, list(reference))]
+    chunk = run_level(chunk, "window")
+    assert reasons(chunk) == []
+    w = chunk.windows[0]
+    assert 2.0 < w.metrics["dnsmos_ovrl"] <= 5.0 and 1.0 <= w.metrics["dnsmos_bak"] <= 5.0
+    assert all(2.0 < q["dnsmos_ovrl"] <= 5.0 for q in w.metrics["utterance_quality"])
+    chunk = make_chunk(speech, vad_model)
+    chunk.windows = [Window(0, list(reference))]
+    chunk = run_level(chunk, "window", FiltersConfig(dnsmos=False))
+    assert "dnsmos_ovrl" not in chunk.windows[0].metrics  # off: neither scored nor loaded
+
+
 def test_snr_estimate_falls_with_added_noise(speech, vad_model):
     clean = make_chunk(speech, vad_model)
     noisy = make_chunk(speech + noise(30, level=0.05), speech=clean.speech)
