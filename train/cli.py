@@ -76,12 +76,11 @@ def generate(model, text, contexts, shards, output, step, tokenizer, max_seconds
     """Speak TEXT with MODEL (a run directory, a transformers-format directory or a hub id) into a WAV."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from train import generate as gen
-    from train.config import GenerateConfig
-
-    g = GenerateConfig(**{k: v for k, v in dict(max_seconds=max_seconds, temperature=temperature, top_k=top_k,
-                                                  seed=seed, mimi=mimi).items() if v is not None})
+    given = {k: v for k, v in dict(max_seconds=max_seconds, temperature=temperature, top_k=top_k, seed=seed,
+                                   mimi=mimi).items() if v is not None}
     try:
         loaded = gen.load(model, step, tokenizer)
+        g = dataclasses.replace(loaded.generate, **given)  # the model's defaults, then the options
         codec, codec_id = gen.load_codec(loaded.model.N, allow_unreleased_codec or loaded.allow_unreleased_codec, g.mimi)
         rows = []
         for c in contexts:

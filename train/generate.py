@@ -9,6 +9,7 @@ transformers' frame for frame (tests/test_train_generate.py).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -34,7 +35,7 @@ class Loaded:
     tokenizer: object
     info: dict  # what was loaded, for the output's sidecar and the log
     allow_unreleased_codec: bool = False  # the run itself trained on the seeded random Mimi's codes
-    codec_tensors: dict = field(default_factory=dict)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)  # the model's own sampling defaults
 
 
 def load(spec: str, step: int | None = None, tokenizer: str | None = None) -> Loaded:
@@ -45,14 +46,23 @@ def load(spec: str, step: int | None = None, tokenizer: str | None = None) -> Lo
         model, cfg, path = checkpoint.load_run_model(Path(spec), step)
         tok = data.load_tokenizer(tokenizer or cfg.data.tokenizer)
         info = {"model": str(path), "kind": "run", "init_from": cfg.model.init_from, "tokenizer": tokenizer or cfg.data.tokenizer}
-        return Loaded(model, tok, info, cfg.data.allow_unreleased_codec)
+        return Loaded(model, tok, info, cfg.data.allow_unreleased_codec, cfg.generate)
     path = hf.resolve(spec, "MODEL")
-    model, codec = hf.load_hf_model(path)
     name = tokenizer or (str(path) if (path / "tokenizer_config.json").exists() else None)
     if name is None:
         raise ValueError(f"{spec} has no tokenizer files: pass --tokenizer (e.g. meta-llama/Llama-3.2-1B)")
-    return Loaded(model.eval(), data.load_tokenizer(name), {"model": spec, "kind": "transformers", "tokenizer": name},
-                  codec_tensors=codec)
+    return Loaded(hf.load_hf_model(path).eval(), data.load_tokenizer(name),
+                  {"model": spec, "kind": "transformers", "tokenizer": name}, generate=_hf_sampling(path))
+
+
+def _hf_sampling(path: Path) -> GenerateConfig:
+    """Sampling defaults from a transformers directory's generation_config.json, when it has one."""
+    g, file = GenerateConfig(), path / "generation_config.json"
+    if not file.exists():
+        return g
+    saved = json.loads(file.read_text())
+    temperature = saved.get("temperature", g.temperature) if saved.get("do_sample") else 0.0
+    return dataclasses.replace(g, temperature=temperature, top_k=saved.get("top_k", g.top_k))
 
 
 def sample_context(shards_dir: str | Path, key: str, tokenizer, num_codebooks: int):

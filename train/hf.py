@@ -10,7 +10,6 @@ Out (`export`): our weights and config as a directory `CsmForConditionalGenerati
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import torch
 from train.config import ModelConfig
 from train.model import CSM, TransformerArgs, rope_frequencies, shape_spec, stack_args
 
-log = logging.getLogger(__name__)
 
 _LAYER_MAP = {
     "self_attn.q_proj": "attention.wq",
@@ -161,8 +159,8 @@ def model_config_from_hf(cfg: ModelConfig, path: Path) -> ModelConfig:
     )
 
 
-def load_hf_weights(model: CSM, path: Path) -> dict[str, torch.Tensor]:
-    """Load the checkpoint's weights into `model`; returns its codec tensors (kept for export)."""
+def load_hf_weights(model: CSM, path: Path) -> None:
+    """Load the checkpoint's weights into `model` (its codec, if any, is not ours: export copies it)."""
     from safetensors.torch import load_file
 
     files = sorted(Path(path).glob("*.safetensors"))
@@ -172,7 +170,6 @@ def load_hf_weights(model: CSM, path: Path) -> dict[str, torch.Tensor]:
     for f in files:
         hf.update(load_file(str(f)))
     model.load_state_dict(map_hf_state_dict(hf), strict=True)
-    return {k: v for k, v in hf.items() if k.startswith(CODEC_PREFIX)}
 
 
 def _released_form(scaling: dict | None, max_positions: int) -> dict | None:
@@ -203,7 +200,7 @@ def hf_config(cfg: ModelConfig, bos_token_id: int | None = None):
 
 
 
-def load_hf_model(path: Path) -> tuple[CSM, dict[str, torch.Tensor]]:
+def load_hf_model(path: Path) -> CSM:
     """Our model with the weights and RoPE of a transformers-format checkpoint (for generation):
     its backbone's scaling is adopted, and must give the decoder's frequencies too."""
     from transformers import CsmConfig
@@ -213,4 +210,5 @@ def load_hf_model(path: Path) -> tuple[CSM, dict[str, torch.Tensor]]:
     base = ModelConfig(rope_theta=c.rope_theta, rope_scaling=scaling, max_seq_len=c.max_position_embeddings,
                        init_from=str(path))
     model = CSM(model_config_from_hf(base, path))
-    return model, load_hf_weights(model, path)
+    load_hf_weights(model, path)
+    return model
