@@ -238,6 +238,14 @@ def test_eval_sources_are_held_out_whole(tmp_path):
     assert read == sources and cfg.data.eval_fraction > 0
     assert data.list_shards(root, 0.2) == (train_urls, eval_urls)  # stable
     assert data.list_shards(root, 0.0) == (sorted(train_urls + eval_urls), [])
+    # A `pipeline pack` output brings its own split (val/ holds whole sources).
+    for split, urls in (("train", train_urls), ("val", eval_urls)):
+        (tmp_path / "packed" / split).mkdir(parents=True)
+        for u in urls:
+            os.symlink(u, tmp_path / "packed" / split / os.path.basename(u))
+    packed = data.list_shards(tmp_path / "packed", 0.05)
+    assert [[os.path.basename(u) for u in urls] for urls in packed] == [[os.path.basename(u) for u in urls]
+                                                                      for urls in (train_urls, eval_urls)]
 
 
 def test_activation_checkpointing_same_gradients(corpus):
