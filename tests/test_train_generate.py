@@ -117,3 +117,12 @@ def test_generate_cli_wav_and_context_changes_output(run_dir):
         outs[name] = (audio, meta)
     assert outs["context"][1]["prompt_rows"] > outs["plain"][1]["prompt_rows"]
     assert not np.array_equal(outs["context"][0], outs["plain"][0])
+    # A wav with its text and speaker as context, encoded with the same Mimi: its frames + end-of-audio.
+    out = root / "wav-context.wav"
+    result = CliRunner().invoke(generate_cmd, [str(root / "run"), "--text", "[0]hello there", "--output", str(out),
+                                               "--max-seconds", "0.8", "--temperature", "0",
+                                               "--context", f"[1]how are you|{root / 'plain.wav'}"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.with_suffix(".wav.json").read_text())["prompt_rows"]
+    frames = len(outs["plain"][0]) // 1920
+    assert rows == outs["plain"][1]["prompt_rows"] + 8 + frames + 1  # BOS [ 1 ] how are you EOS, audio, end
