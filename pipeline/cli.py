@@ -30,6 +30,7 @@ def run(inputs, output, config_files, sets, address, allow_config_change) -> Non
     """Process INPUTS (files, directories, globs, .txt lists, URIs) into a corpus at OUTPUT.
 
     With no INPUTS: the embedded default corpus (pyannote's sample conversation)."""
+    from pipeline.config import RunStopped
     from pipeline.inputs import embedded_default, expand_inputs
     from pipeline.job import run_job
     from stages.corpus_format import RUN_FILE, OutputDir
@@ -43,15 +44,21 @@ def run(inputs, output, config_files, sets, address, allow_config_change) -> Non
                       {"embedded_default": embedded})
     except (ConfigError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from exc
+    except RunStopped as exc:  # one line, non-zero; what was committed stays and a rerun resumes
+        raise click.ClickException(f"stopped: {exc}; rerun the same command to resume") from None
+    unwritten = run["counts"].get("not_written", 0)
     click.echo(
         f"[csm-corpus] done: {run['counts'].get('samples', 0)} samples from {run['audio_hours'] * 3600:.1f} s of audio "
         f"in {run['wall_seconds']:.1f} s ({run['real_time_factor']:.2f}x real time); "
-        f"{sum(run['errors_by_type'].values())} errors; see {OutputDir(output).path(RUN_FILE)}",
+        f"{sum(run['errors_by_type'].values())} errors{f', {unwritten} chunks not written' if unwritten else ''}; "
+        f"see {OutputDir(output).path(RUN_FILE)}",
         err=True,
     )
     codec = run["models"].get("codec") or {}
     if codec and not codec.get("released", True):
         click.echo(f"[csm-corpus] WARNING: codes come from {codec.get('weights')}, not the released Mimi weights.", err=True)
+    if unwritten:
+        raise click.ClickException(f"{unwritten} chunks could not be written (errors above); rerun the same command to retry them")
 
 
 @main.command()

@@ -11,9 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from stages.chain import CHAIN, Chain
-from stages.overrides import ConfigError, parse_sets, read_yaml, with_overrides  # noqa: F401 (ConfigError re-exported)
+from stages.overrides import ConfigError, parse_sets, read_yaml, require, with_overrides  # noqa: F401 (ConfigError re-exported)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class RunStopped(RuntimeError):
+    """A failure no chunk can get past (a model that cannot load in a worker, a full disk): the run
+    ends with this one reason instead of an error per input. What was committed stays; a rerun resumes."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,13 @@ class RunConfig:
     num_gpus: int | None = None  # local Ray only; None: what Ray detects
     progress_seconds: float = 10.0
     max_task_retries: int = 3  # a worker that dies is retried this many times, then the input is an error
+
+    def __post_init__(self):
+        for key in ("num_cpus", "workers"):
+            require(getattr(self, key) is None or getattr(self, key) >= 1, key, f"must be at least 1 or null, got {getattr(self, key)}")
+        require(self.num_gpus is None or self.num_gpus >= 0, "num_gpus", f"must be >= 0 or null, got {self.num_gpus}")
+        require(self.progress_seconds > 0, "progress_seconds", f"must be > 0, got {self.progress_seconds}")
+        require(self.max_task_retries >= 0, "max_task_retries", f"must be >= 0, got {self.max_task_retries}")
 
 
 @functools.cache

@@ -56,6 +56,8 @@ class Progress:
                 self.models[name] = getattr(r, name)
         if s.committed:  # else nothing is on disk: the source stays incomplete and a rerun retries it
             self.chunk_done(r)
+        elif not s.fatal:
+            self.counts["not_written"] += 1  # the writer failed: its error is counted above
         if time.time() - self.last_print >= self.interval:
             self.print()
 
@@ -76,7 +78,8 @@ class Progress:
         print(
             f"[csm-corpus] {len(self.done_sources)}/{self.total_inputs} inputs, "
             f"{self.audio_seconds / 3600:.3f} h audio, {self.audio_seconds / max(elapsed, 1e-9):.1f}x real time, "
-            f"{self.counts['samples']} samples, {sum(self.errors.values())} errors, "
+            f"{self.counts['samples']} samples, {sum(self.errors.values())} errors"
+            f"{f' ({n} chunks not written)' if (n := self.counts['not_written']) else ''}, "
             f"elapsed {_fmt_eta(elapsed)}, ETA {_fmt_eta(eta)}",
             file=sys.stderr,
             flush=True,

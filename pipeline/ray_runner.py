@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import ray
 
-from pipeline.config import ConfigError, PipelineConfig
+from pipeline.config import ConfigError, PipelineConfig, RunStopped
 from pipeline.progress import Progress
 from stages.base import WORKER_BASE_GB, Resources, Stage
 from stages.chain import build_source, build_stages
@@ -214,8 +214,14 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig) -> d
     operators = plan_operators(stages, config, ray.cluster_resources())
     for i, op in enumerate(operators):
         ds = apply_operator(ds, op, max_retries, last=i == len(operators) - 1)
-    for row in ds.iter_rows():
-        progress.update(pickle.loads(row["summary"]))
+    rows = iter(ds.iter_rows())
+    for row in rows:
+        summary = pickle.loads(row["summary"])
+        progress.update(summary)
+        if summary.fatal:  # every other chunk would fail the same way: stop the dataset, say why once
+            getattr(rows, "close", lambda: None)()
+            progress.finish()
+            raise RunStopped(summary.fatal)
     progress.finish()
     record_incomplete(OutputDir(config.write.output), uris, progress, max_retries)
     return {**progress.summary(), "models": {**models, **progress.models}, "operators": [op.describe() for op in operators]}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stages.base import Resources, Stage, torch_threads
+from stages.overrides import ConfigError, require, require_resources
 from stages.intervals import union
 from stages.records import ANALYSIS_RATE, AsrSegment, Chunk, Region, Word
 
@@ -62,6 +63,16 @@ class AsrConfig:
     actors: int | None = None  # pool size when unfused; None: grows with the backlog, up to what fits
     memory_gb: float = 0.5  # tiny.en int8 loaded and running: 0.2 GB measured; large-v3 on CPU needs ~2.5
     asr_options: dict = field(default_factory=dict)  # passed to whisperx.load_model
+
+    def __post_init__(self):
+        require(0 < self.window_seconds <= 30, "window_seconds", f"must be in (0, 30] (Whisper hears 30 s), got {self.window_seconds}")
+        require(0 <= 2 * self.edge_pad < self.window_seconds, "edge_pad", f"must leave room for speech in the window, got {self.edge_pad}")
+        require(self.window_step > 0, "window_step", f"must be > 0, got {self.window_step}")
+        require(self.batch_size >= 1 and self.beam_size >= 1, "batch_size" if self.batch_size < 1 else "beam_size", "must be at least 1")
+        require(self.compute_type in (None, "int8", "int8_float16", "int8_float32", "int8_bfloat16", "int16", "float16",
+                                      "bfloat16", "float32", "default", "auto"), "compute_type",
+                f"not a CTranslate2 compute type: {self.compute_type!r}")
+        require_resources(self)
 
 
 def plan_windows(regions: list[Region], max_seconds: float) -> list[Region]:
@@ -130,6 +141,29 @@ class AsrStage(Stage):
     def resources(self) -> Resources:
         c = self.config
         return Resources(cpus=c.cpus, gpus=c.gpus, actors=c.actors, memory_gb=c.memory_gb, uses_model=True)
+
+    def preflight(self) -> None:
+        from faster_whisper.utils import download_model
+
+        from stages.hub import hub_reachable
+
+        path = resolve_model(self.config.model)
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "model.bin")):
+                raise ConfigError(f"asr.model: {path} has no model.bin (expected a CTranslate2 Whisper directory)")
+        elif path.startswith((".", "/", "~")):
+            raise ConfigError(f"asr.model: {path} does not exist")
+        else:
+            try:
+                download_model(path, local_files_only=True)
+            except Exception:
+                if not hub_reachable():
+                    raise ConfigError(f"asr.model: {path!r} is not cached and the hub is unreachable: give a local "
+                                      "CTranslate2 directory") from None
+        align = self.config.align_model
+        if align and not os.path.exists(align) and not hub_reachable():
+            raise ConfigError(f"asr.align_model: {align!r} needs the hub (wav2vec2 weights), which is unreachable: "
+                              "give a local directory or leave it unset (Whisper's own word times)")
 
     def setup(self) -> None:
         import torch

@@ -73,6 +73,12 @@ class Stage:
     def setup(self) -> None:
         """Load models. Called once per worker, before the first batch."""
 
+    def preflight(self) -> None:
+        """Called in the driver before any worker starts: check that what setup() will load can be
+        had (a path exists, a hub file is cached or the hub reachable, a token is set) and raise
+        ConfigError naming the config key if not. Loads nothing: a wrong path costs seconds, not a
+        cluster's worth of failed workers."""
+
     def describe(self) -> dict[str, Any]:
         """Identity of what this stage runs (model, weights, device), for run.json and samples."""
         return {}
@@ -106,12 +112,18 @@ class Stage:
             self._ready = True
 
     def process_batch(self, chunks: list[Chunk]) -> list[Chunk]:
-        self.prepare()
+        try:
+            self.prepare()
+        except Exception as exc:  # a model that cannot load is the run's problem, not these chunks'
+            reason = f"{self.name} could not start: {type(exc).__name__}: {str(exc)[:1000]}"
+            for chunk in chunks:
+                chunk.fatal = chunk.fatal or reason
+            return chunks
         with self.threads():
             return [self._process_one(chunk) for chunk in chunks]
 
     def _process_one(self, chunk: Chunk) -> Chunk:
-        if chunk.done and not self.handles_done:  # failed or rejected upstream: pass through
+        if chunk.fatal or (chunk.done and not self.handles_done):  # failed or rejected upstream: pass through
             return chunk
         clock = Clock()
         try:

@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from stages.base import Clock, Resources, Stage
+from stages.overrides import require
 from stages.records import ANALYSIS_RATE, CODEC_RATE, Chunk, ErrorRecord, Recording, source_id
 
 # Cut positions are multiples of this many 16 kHz samples so that the matching 24 kHz index
@@ -30,6 +31,13 @@ class DecodeConfig:
     cut_search_seconds: float = 5.0  # look back this far from the boundary for a quiet point
     max_channels: int = 8  # more than this is not a conversation recording
     max_duration_hours: float = 24.0  # larger inputs are refused (almost certainly a broken stream)
+
+    def __post_init__(self):
+        require(self.chunk_seconds >= 1, "chunk_seconds", f"must be at least 1 s, got {self.chunk_seconds}")
+        require(0 <= self.cut_search_seconds < self.chunk_seconds / 2, "cut_search_seconds",
+                f"must be in [0, chunk_seconds / 2), got {self.cut_search_seconds}")
+        require(self.max_channels >= 1, "max_channels", f"must be at least 1, got {self.max_channels}")
+        require(self.max_duration_hours > 0, "max_duration_hours", f"must be > 0, got {self.max_duration_hours}")
 
 
 def open_input(uri: str):

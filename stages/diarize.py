@@ -19,12 +19,14 @@ chunk; the speaker centroids are kept in `chunk.speaker_embeddings` for anyone l
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from stages.base import Resources, Stage
+from stages.overrides import ConfigError, require, require_between, require_resources
 from stages.diarizer import build_offline_pipeline, diarize_waveform, hub_token, load_pretrained_pipeline, pipeline_identity
 from stages.records import Chunk, Region, Turn
 
@@ -68,6 +70,17 @@ class DiarizeConfig:
     gpus: float = 0.0
     actors: int | None = None  # pool size when unfused; None: grows with the backlog, up to what fits
     memory_gb: float = 0.6  # pyannote + resemblyzer loaded, a chunk's embeddings: 0.6 GB measured
+
+    def __post_init__(self):
+        require_between(self, 0.0, 2.0, "threshold")  # a cosine distance
+        require_between(self, 0.0, 1.0, "segmentation_threshold", "max_channel_overlap", "max_channel_correlation")
+        require(0 < self.segmentation_step <= 1, "segmentation_step", f"must be in (0, 1], got {self.segmentation_step}")
+        require(self.min_cluster_size >= 1, "min_cluster_size", f"must be at least 1, got {self.min_cluster_size}")
+        require(self.channels_as_speakers in ("auto", True, False), "channels_as_speakers",
+                f"must be auto, true or false, got {self.channels_as_speakers!r}")
+        require(self.min_speakers is None or self.max_speakers is None or self.min_speakers <= self.max_speakers,
+                "min_speakers", f"must not exceed max_speakers ({self.min_speakers} > {self.max_speakers})")
+        require_resources(self)
 
 
 # --- pure helpers -----------------------------------------------------------------------------
@@ -167,6 +180,24 @@ class DiarizeStage(Stage):
     def resources(self) -> Resources:
         c = self.config
         return Resources(cpus=c.cpus, gpus=c.gpus, actors=c.actors, memory_gb=c.memory_gb, uses_model=True)
+
+    def preflight(self) -> None:
+        from stages.hub import hub_available
+
+        c = self.config
+        if c.pipeline and not os.path.exists(c.pipeline) and not hub_available(c.pipeline, "config.yaml"):
+            raise ConfigError(f"diarize.pipeline: {c.pipeline!r} is not cached and the hub is unreachable: give a local "
+                              "directory holding the pipeline's config.yaml, or null for the offline diarizer")
+        if c.pipeline and not os.path.exists(c.pipeline) and not hub_token():
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(c.pipeline, "config.yaml"), str):
+                raise ConfigError(f"diarize.pipeline: {c.pipeline!r} is gated on the hub: set HF_TOKEN to a token "
+                                  "that has accepted its conditions, or give a local directory")
+        for key in ("segmentation_model", "speaker_encoder"):
+            path = getattr(c, key)
+            if path is not None and not os.path.exists(path):
+                raise ConfigError(f"diarize.{key}: {path} does not exist")
 
     def setup(self) -> None:
         import torch

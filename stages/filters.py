@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stages.intervals import covered
+from stages.overrides import require, require_between
 from stages.records import Utterance, Window
 from stages.signal import SignalContext, rms_dbfs, snr_estimate
 
@@ -83,6 +84,15 @@ class FiltersConfig:
     dnsmos: bool = True  # score windows and utterances with DNSMOS (about 12-24x real time on one core)
     # --- switches ---
     disable: list[str] = field(default_factory=list)  # filter names that measure but never reject
+
+    def __post_init__(self):
+        require_between(self, 0.0, 1.0, "min_vad_coverage", "max_no_speech_prob", "max_repeat_ratio", "min_language_prob",
+                        "max_overlap_ratio", "min_speech_ratio", "max_clipping_ratio", "clip_level")
+        require(self.min_utterance_seconds < self.max_utterance_seconds, "min_utterance_seconds",
+                f"must be below max_utterance_seconds ({self.min_utterance_seconds} >= {self.max_utterance_seconds})")
+        known = {f.name for f in UTTERANCE_FILTERS + WINDOW_FILTERS}
+        unknown = sorted(set(self.disable) - known)
+        require(not unknown, "disable", f"unknown filter names {unknown} (known: {', '.join(sorted(known))})")
 
 
 # ------------------------------------------------------------------ text measures

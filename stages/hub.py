@@ -16,6 +16,14 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
+def hub_available(repo: str, filename: str) -> bool:
+    """Whether a hub file is in the local cache or could be downloaded (checked without downloading)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, filename)
+    return isinstance(cached, str) or hub_reachable()
+
+
 def hub_file(repo: str, filename: str) -> str:
     """Local path of a hub file: the cache first, then a download when the hub is reachable."""
     from huggingface_hub import hf_hub_download

@@ -19,6 +19,26 @@ class ConfigError(ValueError):
     pass
 
 
+def require(ok: bool, key: str, message: str) -> None:
+    """A config dataclass's `__post_init__` check: fails naming the field (with_overrides adds its section)."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def require_resources(config: Any) -> None:
+    """The worker fields a model stage's config shares: cpus, gpus, actors, memory_gb."""
+    require(config.cpus > 0, "cpus", f"must be > 0, got {config.cpus}")
+    require(getattr(config, "gpus", 0.0) >= 0, "gpus", f"must be >= 0, got {getattr(config, 'gpus', 0.0)}")
+    require(config.actors is None or config.actors >= 1, "actors", f"must be at least 1 or null, got {config.actors}")
+    require(config.memory_gb >= 0, "memory_gb", f"must be >= 0, got {config.memory_gb}")
+
+
+def require_between(config: Any, lo: float, hi: float, *keys: str) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        require(lo <= value <= hi, key, f"must be in [{lo:g}, {hi:g}], got {value}")
+
+
 class UnknownConfigKey(ConfigError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
@@ -70,7 +90,10 @@ def with_overrides(obj: T, overrides: dict[str, Any], prefix: str = "") -> T:
             changes[key] = with_overrides(current, value, f"{path}.")
         else:
             changes[key] = coerce(path, current if current is not None else _exemplar(obj, key), value)
-    return dataclasses.replace(obj, **changes)
+    try:
+        return dataclasses.replace(obj, **changes)
+    except ConfigError as e:  # raised by this section's own __post_init__: name its section
+        raise ConfigError(f"{prefix}{e}") from None
 
 
 def parse_sets(items: list[str] | tuple[str, ...]) -> dict[str, Any]:

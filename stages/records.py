@@ -182,6 +182,9 @@ class Chunk:
     diarizer: dict[str, Any] = field(default_factory=dict)  # identity of what attributed the speakers
     codec: dict[str, Any] = field(default_factory=dict)  # identity of the codec that made the codes
     skipped: bool = False  # rejected as a whole: later stages pass it through
+    # A failure that ends the run rather than this chunk (a model that cannot load, a full disk):
+    # nothing more is done or written for the chunk, and the driver stops with this reason.
+    fatal: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
     cpu_times: dict[str, float] = field(default_factory=dict)  # stage -> process CPU seconds
     placement: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> {node, actor}
@@ -252,7 +255,7 @@ class Chunk:
         from stages.corpus_format import ChunkRecord  # the format is built on these records, not under them
 
         return ChunkSummary(self.committed or ChunkRecord.of(self), self.committed is not None,
-                            self.timings, self.cpu_times, self.placement)
+                            self.timings, self.cpu_times, self.placement, self.fatal)
 
 
 @dataclass
@@ -265,3 +268,4 @@ class ChunkSummary:
     timings: dict[str, float]  # stage -> wall seconds
     cpu_times: dict[str, float]  # stage -> process CPU seconds
     placement: dict[str, dict[str, Any]]  # stage -> {node, actor}
+    fatal: str | None = None  # the run must stop (Chunk.fatal)

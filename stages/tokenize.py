@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from stages.base import Resources, Stage
-from stages.hub import hub_file
+from stages.hub import hub_available, hub_file
+from stages.overrides import ConfigError
+from stages.overrides import require, require_resources
 from stages.records import CODEC_RATE, Chunk
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,11 @@ class TokenizeConfig:
     gpus: float = 0.0
     actors: int | None = None  # pool size when unfused; None: grows with the backlog, up to what fits
     memory_gb: float = 1.2  # Mimi 0.45 GB + batches of up to 15 s 0.8 GB measured (120 s batches: 3 GB more)
+
+    def __post_init__(self):
+        require(1 <= self.num_codebooks <= 32, "num_codebooks", f"must be in [1, 32] (Mimi has 32), got {self.num_codebooks}")
+        require(self.batch_seconds is None or self.batch_seconds > 0, "batch_seconds", f"must be > 0 or null, got {self.batch_seconds}")
+        require_resources(self)
 
 
 def load_mimi(config: TokenizeConfig, device: str):
@@ -181,6 +189,19 @@ class TokenizeStage(Stage):
     def resources(self) -> Resources:
         c = self.config
         return Resources(cpus=c.cpus, gpus=c.gpus, actors=c.actors, memory_gb=c.memory_gb, uses_model=True)
+
+    def preflight(self) -> None:
+        from moshi.models import loaders
+
+        c = self.config
+        if c.weights is not None:
+            if "://" not in c.weights and not os.path.isfile(c.weights):
+                raise ConfigError(f"tokenize.weights: {c.weights} is not a file (the Mimi safetensors, {loaders.MIMI_NAME})")
+        elif not hub_available(loaders.DEFAULT_REPO, loaders.MIMI_NAME) and not c.allow_unreleased:
+            raise ConfigError(
+                f"tokenize.weights: the released Mimi weights ({loaders.DEFAULT_REPO}/{loaders.MIMI_NAME}) are not cached "
+                "and the hub is unreachable: set tokenize.weights to a local copy of the file, or "
+                "tokenize.allow_unreleased=true for a randomly initialised Mimi (codes only fit for testing the plumbing)")
 
     def setup(self) -> None:
         import torch

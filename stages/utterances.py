@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from stages.base import Stage
 from stages.intervals import union
+from stages.overrides import require
 from stages.records import AsrSegment, Chunk, Rejection, Turn, Utterance, Word
 
 
@@ -28,6 +29,11 @@ class UtterancesConfig:
     max_pause: float = 0.5  # a longer pause between one speaker's words ends the utterance
     max_seconds: float = 20.0  # an utterance never grows beyond this (Mimi frames per utterance stay bounded)
     pad: float = 0.1  # seconds of audio kept before the first and after the last word
+
+    def __post_init__(self):
+        require(self.max_pause >= 0, "max_pause", f"must be >= 0, got {self.max_pause}")
+        require(self.max_seconds > 0, "max_seconds", f"must be > 0, got {self.max_seconds}")
+        require(self.pad >= 0, "pad", f"must be >= 0, got {self.pad}")
 
 
 def assign_speaker(start: float, end: float, turns: list[Turn]) -> tuple[str | None, float]:

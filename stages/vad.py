@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.base import Resources, Stage
+from stages.overrides import require, require_between, require_resources
 from stages.records import ANALYSIS_RATE, Chunk, Region
 
 
@@ -21,6 +22,11 @@ class VadConfig:
     cpus: float = 0.5
     actors: int | None = None  # pool size when unfused; None: grows with the backlog, up to what fits
     memory_gb: float = 0.1  # silero: a few MB of weights and state
+
+    def __post_init__(self):
+        require_between(self, 0.0, 1.0, "threshold")
+        require(self.max_speech_seconds > 0, "max_speech_seconds", f"must be > 0, got {self.max_speech_seconds}")
+        require_resources(self)
 
 
 def speech_regions(model, audio: np.ndarray, config: VadConfig, offset: float = 0.0) -> list[Region]:

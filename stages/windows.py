@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 from stages.base import Stage
+from stages.overrides import require
 from stages.records import Chunk, Rejection, Utterance, Window
 
 FRAME_RATE = 12.5  # Mimi frames per second
@@ -35,6 +36,11 @@ class WindowsConfig:
     min_seconds: float = 1.0  # shorter windows (first utterance start to last one's end) are rejected
     keep_single_speaker: bool = True  # False: windows with one speaker only are rejected
     split_long: bool = True  # split utterances over the budget (at pauses / word boundaries) instead of rejecting
+
+    def __post_init__(self):
+        require(self.max_positions >= 64, "max_positions", f"must be at least 64, got {self.max_positions}")
+        require(self.chars_per_token > 0, "chars_per_token", f"must be > 0, got {self.chars_per_token}")
+        require(self.min_utterances >= 1, "min_utterances", f"must be at least 1, got {self.min_utterances}")
 
 
 def audio_frames(duration: float) -> int:

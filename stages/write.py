@@ -9,6 +9,8 @@ produce the same names and the same bytes (tar mtimes are 0, JSON keys sorted).
 
 from __future__ import annotations
 
+import errno
+
 import io
 import tarfile
 from dataclasses import asdict, dataclass
@@ -109,6 +111,10 @@ def sample_of(chunk: Chunk, w: Window) -> Sample:
     )
 
 
+# A full disk, a quota, no permission, a read-only filesystem: no chunk can be written.
+FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
 class WriteStage(Stage):
     name = "write"
     handles_done = True  # failed and rejected chunks still leave their records
@@ -117,6 +123,15 @@ class WriteStage(Stage):
         self.out = OutputDir(self.config.output)
 
     def process(self, chunk: Chunk) -> Chunk:
+        try:
+            return self.write(chunk)
+        except OSError as exc:
+            if exc.errno in FATAL_ERRNOS:  # the next chunk would fail the same way: stop the run
+                chunk.fatal = f"cannot write to {self.config.output}: {exc.strerror or exc}"
+                return chunk
+            raise
+
+    def write(self, chunk: Chunk) -> Chunk:
         files = ChunkFiles(chunk_name(chunk.recording.id, chunk.index))
         rows, members = [], []
         for w in chunk.windows if not chunk.failed else []:
