@@ -82,7 +82,7 @@ def run_pipeline(paths: list[str]) -> list[dict]:
 
     torch.set_num_threads(1)
     from pipeline.config import PipelineConfig
-    from pipeline.ray_runner import build_stages
+    from stages.chain import build_stages
     from stages.decode import decode_chunks
 
     config = PipelineConfig()

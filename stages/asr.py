@@ -40,7 +40,7 @@ def resolve_model(name: str) -> str:
     return name
 
 
-@dataclass
+@dataclass(frozen=True)
 class AsrConfig:
     model: str = DEFAULT_MODEL
     language: str | None = "en"  # None: detected per window (multilingual models), with its probability

@@ -108,7 +108,7 @@ CHAIN = Chain(
         StageSpec(VadStage, "vad", VadConfig, reasons=("no_speech", "non_speech"), runtime_keys=POOL_KEYS),
         StageSpec(DiarizeStage, "diarize", DiarizeConfig, gpu=True, runtime_keys=POOL_KEYS),
         StageSpec(AsrStage, "asr", AsrConfig, gpu=True, runtime_keys=POOL_KEYS),
-        StageSpec(UtterancesStage, "utterances", UtterancesConfig, reasons=("empty_transcript",)),
+        StageSpec(UtterancesStage, "utterances", UtterancesConfig, reasons=("empty_transcript", "untranscribed")),
         # Before windows: no rejected utterance inside a kept window.
         StageSpec(UtteranceFilterStage, "filters", FiltersConfig, reasons=_filter_names(UTTERANCE_FILTERS)),
         StageSpec(WindowsStage, "windows", WindowsConfig,

@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stages.base import Stage
-from stages.intervals import union
+from stages.intervals import subtract, union
 from stages.overrides import require
 from stages.records import AsrSegment, Chunk, Rejection, Turn, Utterance, Word
 
 
-@dataclass
+@dataclass(frozen=True)
 class UtterancesConfig:
     max_pause: float = 0.5  # a longer pause between one speaker's words ends the utterance
     max_seconds: float = 20.0  # an utterance never grows beyond this (Mimi frames per utterance stay bounded)
@@ -179,6 +179,11 @@ class UtterancesStage(Stage):
                 speaker_of = lambda w: word_speaker(w, chunk.turns) or _nobody(chunk)  # noqa: E731
             utts += stream_utterances(segs, speaker_of, chunk.turns, self.config, chunk.offset, chunk.end)
         chunk.utterances = sorted(utts, key=lambda u: (u.start, u.channel))
+        # Speech no utterance holds (Whisper heard no word there, or its words fell elsewhere) is
+        # dropped on purpose too: recorded, so every second of input has a record.
+        heard = union([(r.start, r.end) for r in chunk.speech] + [(r.start, r.end) for ch in chunk.channel_speech for r in ch])
+        for a, b in subtract(heard, union([(u.start, u.end) for u in utts])):
+            chunk.rejected.append(Rejection(chunk.recording.id, self.name, "untranscribed", a, b, level="region"))
         return chunk
 
 

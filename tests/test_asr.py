@@ -81,7 +81,7 @@ def test_long_speech_is_cut_on_word_boundaries_and_nothing_is_lost():
 
 def test_language_probability_reaches_the_language_filter():
     from pipeline.config import PipelineConfig
-    from pipeline.ray_runner import build_stages
+    from stages.chain import build_stages
 
     words = [Word("hola", 1.0, 1.4), Word("amigo", 1.5, 2.0)]
     other = [Word("hello", 3.0, 3.4), Word("friend", 3.5, 4.0)]
@@ -91,9 +91,7 @@ def test_language_probability_reaches_the_language_filter():
     stages = {s.name: s for s in build_stages(PipelineConfig())}
     (chunk,) = stages["utterances"].process_batch([chunk])
     assert [u.language_prob for u in chunk.utterances] == [0.2, 0.97]
-    utterance_filter = next(s for s in build_stages(PipelineConfig()) if getattr(s, "level", None) == "utterance"
-                            or s.name.endswith("utterances") and s.name != "utterances")
-    (chunk,) = utterance_filter.process_batch([chunk])
+    (chunk,) = stages["filter_utterances"].process_batch([chunk])
     rejected = [r for r in chunk.rejected if r.reason == "language"]
     assert len(rejected) == 1 and rejected[0].metric == pytest.approx(0.2)
     assert [u.text for u in chunk.utterances] == ["hello friend"]
@@ -110,7 +108,7 @@ def test_kept_transcripts_as_good_as_plain_whisperx_on_the_sample(sample_wav, sa
     import whisperx
 
     from pipeline.config import PipelineConfig
-    from pipeline.ray_runner import build_stages
+    from stages.chain import build_stages
     from stages.asr import DEFAULT_MODEL, resolve_model
     from stages.decode import decode_chunks
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.overrides import parse_sets
+from stages.overrides import parse_sets
 from stages.records import Region, Turn, Utterance
 from stages.utterances import UtterancesConfig, assign_speaker
 from stages.windows import WindowsConfig, audio_frames, group_windows, positions
@@ -93,7 +93,7 @@ def test_channel_mode_gives_each_channels_words_to_its_speaker():
 
 def test_source_ids_are_safe_file_names_and_keys():
     from stages.records import source_id
-    from stages.write import sample_key
+    from stages.corpus_format import sample_key
 
     for uri in ["../../etc/passwd", "/data/a b/ünïcode.tar.gz.wav", "s3://bucket/x/..", "", "/x/.hidden", "C:\\evil\\..\\f.mp3"]:
         sid = source_id(uri)
