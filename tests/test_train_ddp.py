@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
-from train import data, loop, parallel
+from train import data, listen, loop, parallel
 from train.config import load_config, parse_sets
 shards, tok_dir, out, split, mode = sys.argv[1:6]
 cfg = load_config("configs/train/tiny.yaml", parse_sets([
@@ -38,8 +38,11 @@ micro = [pick([i]) for i in range(d.rank, 4, d.world)] if split == "split" else 
 losses = [loop.train_step(model, opt, sch, micro, cfg, s, d) for s in range(3)]
 full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shards are DTensors
 checksum = sum(float(full(p).double().sum()) for p in model.parameters())
+whole = listen.full_model(model, cfg, d)  # what samples are generated with: gathered under FSDP
+assert (whole is None) != d.is_main
 if d.is_main:
-    json.dump({"losses": losses, "checksum": checksum}, open(out, "w"))
+    whole_sum = sum(float(p.double().sum()) for p in whole.parameters())
+    json.dump({"losses": losses, "checksum": checksum, "whole": whole_sum}, open(out, "w"))
 """
 
 
@@ -82,6 +85,7 @@ def test_two_processes_match_single_process(corpus, single, mode):
         assert a["frames"] == b["frames"] and a["decoder_frames"] == b["decoder_frames"]
     assert one["losses"][-1]["loss"] < one["losses"][0]["loss"]  # it trained
     assert math.isclose(one["checksum"], two["checksum"], rel_tol=1e-5)
+    assert two["whole"] == two["checksum"] and one["whole"] == one["checksum"]
 
 
 def test_torchrun_cli_end_to_end(corpus, tmp_path):

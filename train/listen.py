@@ -106,6 +106,6 @@ def full_model(model, cfg: Config, d):
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.is_main:
         return None
-    copy = CSM(cfg.model)
+    copy = CSM(unwrap(model).cfg)  # the model's own (resolved) config
     copy.load_state_dict(state)
     return copy.to(d.device)
