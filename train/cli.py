@@ -76,6 +76,7 @@ def generate(model, text, contexts, shards, output, step, tokenizer, max_seconds
     """Speak TEXT with MODEL (a run directory, a transformers-format directory or a hub id) into a WAV."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from train import generate as gen
+
     given = {k: v for k, v in dict(max_seconds=max_seconds, temperature=temperature, top_k=top_k, seed=seed,
                                    mimi=mimi).items() if v is not None}
     try:
