@@ -12,7 +12,7 @@ from importlib import metadata
 from typing import Any
 
 from pipeline.config import ConfigError, PipelineConfig, to_dict
-from stages.corpus_format import CONFIG_FILE, RUN_FILE, ChunkRecord, OutputDir, read_error_lines
+from stages.corpus_format import CONFIG_FILE, RUN_FILE, ChunkRecord, OutputDir, read_error_table
 
 VERSIONED = ["torch", "torchaudio", "whisperx", "faster-whisper", "ctranslate2", "pyannote.audio", "moshi", "ray", "webdataset", "silero-vad", "av", "numpy", "pyarrow", "transformers"]
 
@@ -86,4 +86,4 @@ def write_run_json(out: OutputDir, config: PipelineConfig, summary: dict[str, An
 
 
 def read_errors(out: OutputDir) -> list[dict[str, Any]]:
-    return [row for n in out.list("errors", ".jsonl") for row in read_error_lines(out.read_bytes(f"errors/{n}"))]
+    return [row for n in out.list("errors", ".parquet") for row in read_error_table(out.read_bytes(f"errors/{n}"))]

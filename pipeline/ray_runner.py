@@ -23,7 +23,7 @@ from pipeline.config import ConfigError, PipelineConfig, RunStopped
 from pipeline.progress import Progress
 from stages.base import WORKER_BASE_GB, Resources, Stage
 from stages.chain import build_source, build_stages
-from stages.corpus_format import INCOMPLETE_SUFFIX, OutputDir, error_lines, incomplete_errors
+from stages.corpus_format import INCOMPLETE_SUFFIX, OutputDir, error_table, incomplete_errors
 from stages.records import Chunk, ErrorRecord, source_id
 
 log = logging.getLogger(__name__)
@@ -192,9 +192,9 @@ def _init_ray(address: str | None, config: PipelineConfig) -> None:
     ray.init(num_cpus=num_cpus, num_gpus=config.run.num_gpus, include_dashboard=False, log_to_driver=True)
 
 
-def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig) -> dict[str, Any]:
+def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, on_commit=None) -> dict[str, Any]:
     """Process `uris` into config.write.output on the cluster `connect` joined; returns this run's
-    summary (counts, timings, the operators and what each stage ran)."""
+    summary (counts, timings, the operators and what each stage ran). `on_commit`: see Progress."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.verbose_stats_logs = False
@@ -204,7 +204,7 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig) -> d
     # Set before the dataset is built: a dataset copies the context when it is created.
     ctx.max_errored_blocks = -1
     source, stages = build_source(config), build_stages(config)
-    progress = Progress(len(uris), sum(sizes), dict(zip(uris, sizes)), config.run.progress_seconds)
+    progress = Progress(len(uris), sum(sizes), dict(zip(uris, sizes)), config.run.progress_seconds, on_commit)
     models = {s.name: s.describe() for s in stages}  # what each stage runs; workers add codec and diarizer
     if not uris:
         return {**progress.summary(), "models": {**models, **progress.models}}
@@ -239,5 +239,5 @@ def record_incomplete(out: OutputDir, uris: list[str], progress: Progress, max_r
         seen = sorted(progress.chunks_seen.get(uri, ()))
         record = ErrorRecord(uri, source_id(uri), "worker", "WorkerCrashed",
                              f"worker died {max_retries + 1} times; chunks completed: {seen}; rerun to retry")
-        out.write_bytes(rel, error_lines([record]))
+        out.write_bytes(rel, error_table([record]))
         progress.errors["WorkerCrashed"] += 1

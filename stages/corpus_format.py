@@ -13,13 +13,13 @@ import io
 import json
 import os
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
     from stages.records import Chunk
 
-SUBDIRS = ("shards", "manifest", "rejected", "errors", "chunks")
+SUBDIRS = ("shards", "manifest", "rejected", "errors", "chunks", "speakers")
 CONFIG_FILE, RUN_FILE = "config.json", "run.json"
 # A sample's tar members are KEY.<suffix>; WebDataset hands them over under the suffix.
 JSON, CODES, AUDIO = "json", "codes.npy", "flac"
@@ -45,10 +45,10 @@ class ChunkFiles:
         shard = f"shard-{name}"
         self.shard_file = f"{shard}.tar"  # the manifest's `shard` column
         self.shard, self.manifest = f"shards/{shard}.tar", f"manifest/{shard}.parquet"
-        self.rejected, self.errors, self.record = f"rejected/{name}.parquet", f"errors/{name}.jsonl", f"chunks/{name}.json"
+        self.rejected, self.errors, self.record = f"rejected/{name}.parquet", f"errors/{name}.parquet", f"chunks/{name}.json"
 
 
-INCOMPLETE_SUFFIX = "-incomplete.jsonl"  # errors/<source id>-incomplete.jsonl: a source whose chunks did not all come back
+INCOMPLETE_SUFFIX = "-incomplete.parquet"  # errors/<source id>-incomplete.parquet: a source whose chunks did not all come back
 
 
 def incomplete_errors(source_id: str) -> str:
@@ -234,13 +234,24 @@ def parquet_bytes(rows: list[dict[str, Any]], schema) -> bytes:
     return buf.getvalue()
 
 
-def error_lines(records: Iterable[Any]) -> bytes:
-    """records.ErrorRecord -> errors/*.jsonl, one JSON object a line."""
-    return "".join(json.dumps(asdict(e), sort_keys=True) + "\n" for e in records).encode()
+@functools.cache
+def error_schema():
+    import pyarrow as pa
+
+    s = pa.string()
+    return pa.schema([("uri", s), ("source_id", s), ("stage", s), ("error_type", s), ("message", s), ("chunk", pa.int64()),
+                      ("traceback", s)])
 
 
-def read_error_lines(data: bytes) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in data.decode().splitlines() if line]
+def error_table(records: Iterable[Any]) -> bytes:
+    """records.ErrorRecord -> an errors/*.parquet part (the same columns in every part)."""
+    return parquet_bytes([asdict(e) for e in records], error_schema())
+
+
+def read_error_table(data: bytes) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(data)).to_pylist()
 
 
 # ----------------------------------------------------------------------------- the commit record
@@ -268,6 +279,9 @@ class ChunkRecord:
     failed: bool
     codec: dict[str, Any] | None
     diarizer: dict[str, Any] | None
+    # {local label: {seconds, embedding (diarizer centroid or null), channel (or null)}}: what
+    # linking a source's chunk labels into one labelling needs (stages/speakers.py)
+    speakers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, chunk: Chunk, shard: str | None = None, rows: list[dict[str, Any]] = ()) -> ChunkRecord:
@@ -279,6 +293,7 @@ class ChunkRecord:
             frames=sum(r["frames"] for r in rows), kept_seconds=sum(r["duration"] for r in rows),
             rejected=len(chunk.rejected), errors=[e.error_type for e in chunk.errors + chunk.warnings],
             failed=chunk.failed, codec=chunk.codec or None, diarizer=chunk.diarizer or None,
+            speakers=chunk_speakers(chunk),
         )
 
     def to_json(self) -> bytes:
@@ -287,4 +302,94 @@ class ChunkRecord:
     @classmethod
     def from_json(cls, data: bytes) -> ChunkRecord:
         d = json.loads(data)
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})  # older records lack `speakers`
+
+
+def chunk_speakers(chunk: Chunk) -> dict[str, dict[str, Any]]:
+    """Each local speaker's speech seconds (its turns, overlap counted for each speaker) with its
+    centroid or channel."""
+    seconds: dict[str, float] = {}
+    for t in chunk.turns:
+        seconds[t.speaker] = seconds.get(t.speaker, 0.0) + (t.end - t.start)
+    return {lab: {"seconds": round(sec, 3), "embedding": chunk.speaker_embeddings.get(lab),
+                  "channel": chunk.channel_speakers.get(lab)} for lab, sec in sorted(seconds.items())}
+
+
+# ----------------------------------------------------------------------------- speakers (stages/speakers.py links them)
+
+SPEAKERS_DIR = "speakers"  # speakers/<source_id>.parquet: one labelling per source, written when it completes
+CORPUS_MAP = "speaker_map.parquet"  # `pipeline link-speakers`: source speakers -> corpus speakers
+
+
+def speakers_file(source_id: str) -> str:
+    return f"{SPEAKERS_DIR}/{source_id}.parquet"
+
+
+@functools.cache
+def speakers_schema():
+    import pyarrow as pa
+
+    f64, i64, s = pa.float64(), pa.int64(), pa.string()
+    member = pa.struct([("chunk", i64), ("label", s), ("seconds", f64), ("distance", f64), ("folded", pa.bool_())])
+    return pa.schema([
+        ("source_id", s), ("source_uri", s), ("source_dir", s), ("speaker", s), ("seconds", f64),
+        ("embedding", pa.list_(pa.float32())), ("chunks", pa.list_(member)),
+    ])
+
+
+@functools.cache
+def corpus_map_schema():
+    import pyarrow as pa
+
+    f64, i64, s = pa.float64(), pa.int64(), pa.string()
+    return pa.schema([
+        ("group", s), ("source_id", s), ("speaker", s), ("corpus_speaker", s), ("seconds", f64), ("members", i64),
+        ("distance", f64), ("nearest_other", f64), ("confidence", s),
+    ])
+
+
+def table_bytes(rows: list[dict[str, Any]], schema) -> bytes:
+    """Rows as parquet with exactly `schema` (nested columns included), even with no rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    return buf.getvalue()
+
+
+def read_rows(out: OutputDir, rel: str) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(out.read_bytes(rel))).to_pylist() if out.exists(rel) else []
+
+
+def read_speakers(out: OutputDir) -> list[dict[str, Any]]:
+    """Every source speaker row of the corpus (none for a corpus made without linking)."""
+    return [row for n in out.list(SPEAKERS_DIR, ".parquet") for row in read_rows(out, f"{SPEAKERS_DIR}/{n}")]
+
+
+def label_map(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, int, str], str]:
+    """{(source_id, chunk, chunk label): source speaker} from speakers rows."""
+    return {(r["source_id"], c["chunk"], c["label"]): r["speaker"] for r in rows for c in r["chunks"]}
+
+
+class SpeakerLabels:
+    """One labelling per source for samples, read lazily from the `speakers/` of the corpus a shard
+    is in (`DIR/shards/x.tar` -> `DIR/speakers/<source_id>.parquet`). A source without a map (made
+    before linking, or not complete yet) keeps its chunk labels. Picklable: the cache starts empty."""
+
+    def __init__(self):
+        self.cache: dict[tuple[str, str], dict[tuple[int, str], str]] = {}
+
+    def apply(self, sample: Sample, shard_url: str | None) -> Sample:
+        if not shard_url or "/shards/" not in shard_url:  # a packed corpus or a stream: nothing to map
+            return sample
+        root, sid = shard_url.rsplit("/", 2)[0], sample.source.id
+        if (root, sid) not in self.cache:
+            rows = read_rows(OutputDir(root), speakers_file(sid))
+            self.cache[(root, sid)] = {(c, lab): spk for (_, c, lab), spk in label_map(rows).items()}
+        m = self.cache[(root, sid)]
+        for u in sample.utterances:
+            u.speaker = m.get((sample.chunk, u.speaker), u.speaker)
+        return sample

@@ -30,7 +30,7 @@ from stages.corpus_format import (
     SampleUtterance,
     SourceInfo,
     chunk_name,
-    error_lines,
+    error_table,
     manifest_row,
     manifest_schema,
     parquet_bytes,
@@ -146,7 +146,7 @@ class WriteStage(Stage):
         if chunk.rejected:
             self.out.write_bytes(files.rejected, parquet_bytes(rejection_rows(chunk.rejected, chunk.recording.uri), rejection_schema()))
         if chunk.errors or chunk.warnings:
-            self.out.write_bytes(files.errors, error_lines(chunk.errors + chunk.warnings))
+            self.out.write_bytes(files.errors, error_table(chunk.errors + chunk.warnings))
         record = ChunkRecord.of(chunk, files.shard_file if rows else None, rows)
         # The chunk record is the commit point: written last, after everything it refers to.
         self.out.write_bytes(files.record, record.to_json())

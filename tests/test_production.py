@@ -147,9 +147,10 @@ def test_every_table_of_a_mixed_corpus_reads_as_one_table(ray_session, clips, tm
     (d / "broken.wav").write_bytes(b"RIFF not really a wav file")
     out = tmp_path / "corpus"
     run([clips[0], d / "stereo.wav", d / "tone.wav", d / "broken.wav"], out)
-    for table in ("manifest", "rejected"):
+    for table in ("manifest", "rejected", "errors"):
         frame = pd.read_parquet(out / table)
         assert len(frame) == ds.dataset(str(out / table), format="parquet").count_rows() > 0
     assert pd.read_parquet(out / "rejected").metric.dtype == np.float64
-    errors = pd.read_json(next((out / "errors").glob("*.jsonl")), lines=True)
-    assert set(errors.error_type) and "broken" in errors.uri.iloc[0]
+    errors = pd.read_parquet(out / "errors")
+    assert ds.dataset(str(out / "errors"), format="parquet").schema.field("chunk").type == "int64"
+    assert any("broken" in u for u in errors.uri)

@@ -133,7 +133,7 @@ def test_bad_inputs_are_recorded_and_good_files_unchanged(ray_session, clips, re
     result = run_cli(["run", str(d), str(clips[0]), "--output", str(out), *FAST])
     assert result.exit_code == 0, result.output
 
-    errors = [json.loads(line) for p in (out / "errors").glob("*.jsonl") for line in p.read_text().splitlines()]
+    errors = pq.read_table(out / "errors").to_pylist()
     rejected = pq.read_table(out / "rejected").to_pylist() if list((out / "rejected").glob("*.parquet")) else []
     recorded = {Path(e["uri"]).name: e for e in errors}
     for name in ("empty.wav", "random.mp3", "notes.mp3", "nan.wav", "weird.sph"):
@@ -156,7 +156,7 @@ def test_unreadable_file_is_an_error(ray_session, tmp_path):
     p.chmod(0)
     out = tmp_path / "out"
     assert run_cli(["run", str(p), "--output", str(out), *FAST]).exit_code == 0
-    (err,) = [json.loads(x) for f in (out / "errors").glob("*.jsonl") for x in f.read_text().splitlines()]
+    (err,) = pq.read_table(out / "errors").to_pylist()
     assert err["error_type"] == "PermissionError"
 
 
@@ -259,12 +259,12 @@ def test_input_that_keeps_killing_workers_is_recorded_then_retried_on_resume(ref
         time.sleep(0.5)
     log = proc.stdout.read().decode(errors="replace")
     assert proc.returncode == 0, log[-3000:]
-    crashed = [json.loads(line) for p in (out / "errors").glob("*-incomplete.jsonl") for line in p.read_text().splitlines()]
+    crashed = [row for p in (out / "errors").glob("*-incomplete.parquet") for row in pq.read_table(p).to_pylist()]
     assert kills and crashed and all(c["error_type"] == "WorkerCrashed" for c in crashed)
     # The crashed sources are not marked done: a rerun retries them and ends with the full corpus.
     finish(cli(args))
     assert corpus_files(out) == corpus_files(reference)
-    assert not list((out / "errors").glob("*-incomplete.jsonl"))
+    assert not list((out / "errors").glob("*-incomplete.parquet"))
 
 
 def test_adding_inputs_processes_only_the_new_ones(reference, clips, tmp_path):
