@@ -23,6 +23,7 @@ _TITLES = {
     "no_speech_prob": ("ASR no-speech probability", "probability"),
     "speech_ratio": ("Speech ratio per window", "VAD speech / window length"),
     "snr_db": ("Estimated SNR per window", "dB"),
+    "dnsmos_ovrl": ("DNSMOS P.835 overall quality per window", "MOS (1-5)"),
 }
 
 
