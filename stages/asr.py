@@ -327,9 +327,6 @@ class AsrStage(Stage):
             out.append(words)
         return out
 
-    def detect_language(self, audio: np.ndarray) -> str:
-        return self.pipe.detect_language(audio)
-
     def add_aligned_words(self, chunk: Chunk, segments: list[AsrSegment]) -> None:
         """wav2vec2 forced alignment (asr.align_model) in place of Whisper's word times."""
         import whisperx
