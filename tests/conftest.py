@@ -79,3 +79,18 @@ def tone(seconds: float, rate: int, freq: float = 220.0, channels: int = 1) -> n
     t = np.arange(int(seconds * rate)) / rate
     x = 0.3 * np.sin(2 * np.pi * freq * t).astype(np.float32)
     return np.stack([x * (1 + 0.1 * c) for c in range(channels)], axis=1) if channels > 1 else x
+
+
+@pytest.fixture(scope="session")
+def clips(sample_wav, tmp_path_factory) -> list[Path]:
+    """Two real conversation clips (parts of the sample), 15 s each: three chunks with chunk_seconds=12."""
+    import soundfile as sf
+
+    audio, rate = sf.read(sample_wav, dtype="float32")
+    d = tmp_path_factory.mktemp("clips")
+    paths = []
+    for i, start in enumerate((6.0, 14.0)):
+        p = d / f"conv{i}.wav"
+        sf.write(p, audio[int(start * rate) : int((start + 15.0) * rate)], rate)
+        paths.append(p)
+    return paths

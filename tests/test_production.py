@@ -22,18 +22,6 @@ from stages.write import WriteConfig, WriteStage
 FAST = ["tokenize.allow_unreleased=true", "decode.chunk_seconds=12", "decode.cut_search_seconds=2", "run.workers=1"]
 
 
-@pytest.fixture(scope="module")
-def clips(sample_wav, tmp_path_factory) -> list[Path]:
-    audio, rate = sf.read(sample_wav, dtype="float32")
-    d = tmp_path_factory.mktemp("clips")
-    paths = []
-    for i, start in enumerate((6.0, 14.0)):
-        p = d / f"conv{i}.wav"
-        sf.write(p, audio[int(start * rate) : int((start + 15.0) * rate)], rate)
-        paths.append(p)
-    return paths
-
-
 def corpus_files(out: Path) -> dict[str, bytes]:
     return {f"{sub}/{p.name}": p.read_bytes() for sub in ("shards", "manifest", "chunks", "rejected", "errors")
             for p in sorted((out / sub).glob("*"))}

@@ -25,19 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--set", "tokenize.allow_unreleased=true", "--set", "decode.chunk_seconds=12", "--set", "decode.cut_search_seconds=2"]
 
 
-@pytest.fixture(scope="module")
-def clips(sample_wav, tmp_path_factory) -> list[Path]:
-    """Two real conversation clips (parts of the sample), 15 s each: three chunks with chunk_seconds=12."""
-    audio, rate = sf.read(sample_wav, dtype="float32")
-    d = tmp_path_factory.mktemp("clips")
-    paths = []
-    for i, start in enumerate((6.0, 14.0)):
-        p = d / f"conv{i}.wav"
-        sf.write(p, audio[int(start * rate) : int((start + 15.0) * rate)], rate)
-        paths.append(p)
-    return paths
-
-
 def corpus_files(out: Path) -> dict[str, bytes]:
     """Everything a run produces that must be identical across runs (run.json has timings)."""
     files = {}
