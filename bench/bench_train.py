@@ -64,7 +64,7 @@ def run_one(args) -> dict:
     from train.config import load_config
 
     cfg = load_config(None, {
-        "model": {"flavour": args.flavour, "max_seq_len": args.seq_len, "text_vocab_size": 128256},
+        "model": {"flavour": args.flavour, "max_seq_len": args.seq_len, "text_vocab_size": args.text_vocab},
         "data": {"seq_len": args.seq_len, "micro_batch_size": args.batch},
         "train": {"decoder_fraction": args.fraction, "warmup_steps": 1, "activation_checkpointing": args.ac,
                   "compile": args.compile},
@@ -73,7 +73,7 @@ def run_one(args) -> dict:
     model = loop.build_model(cfg).to(d.device)
     model = parallel.parallelize(model, cfg, d)
     optimizer, scheduler = loop.build_optimizer(model, cfg.train)
-    batches = [synthetic_batch(args.batch, args.seq_len, 32, 128256, s) for s in range(args.steps + 2)]
+    batches = [synthetic_batch(args.batch, args.seq_len, 32, args.text_vocab, s) for s in range(args.steps + 2)]
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for s in range(2):  # warm-up (allocator, compile)
         loop.train_step(model, optimizer, scheduler, [batches[s]], cfg, s, d)
@@ -109,6 +109,7 @@ def main():
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--fraction", type=float, default=None, help="only this decoder fraction")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--text-vocab", type=int, default=128256, help="Llama-3.2's; smaller for a quick CPU rehearsal")
     p.add_argument("--ac", action="store_true", help="activation checkpointing")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
