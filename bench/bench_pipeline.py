@@ -1,10 +1,15 @@
 """End-to-end throughput, per-stage CPU, scaling, and the side-by-side with the sequential script.
 
     python bench/bench_pipeline.py [--sizes 4,8,16] [--baseline] [--workdir /tmp/csm-bench]
+    python bench/bench_pipeline.py --shape podcasts --sizes 1,2 --minutes 10,20,30 --baseline
+    python bench/bench_pipeline.py --shape mix --sizes 1 --minutes 12 --calls 4 --baseline
 
-Each size is N distinct 30 s conversations, run by `pipeline run` in a fresh process (a fresh
-local Ray, models loaded in their actors: the whole cost a user pays). Machine CPU is read from
-/proc/stat, so Ray's own processes are counted; run it on an otherwise idle machine.
+Shapes: `calls` (default), each size N distinct 30 s conversations; `podcasts`, N recordings of
+`--minutes` (cycled: 10, 20, 30 minutes), where one long recording has fewer chunks than cores;
+`mix`, N such recordings plus `--calls` short calls. Each size is run by `pipeline run` in a fresh
+process (a fresh local Ray, models loaded in their actors: the whole cost a user pays). Machine CPU
+is read from /proc/stat, so Ray's own processes are counted; run it on an otherwise idle machine
+(the load average is printed with the results).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, make_inputs, table
+from common import ROOT, make_inputs, make_long_inputs, table
 
 MODEL_STAGES = ("vad", "diarize", "asr", "tokenize")
 
@@ -71,20 +76,36 @@ def run_baseline(inputs: list[Path], out: Path) -> dict:
     return {"wall": wall, "busy": busy, **json.loads(res.stdout.strip().splitlines()[-1])}
 
 
+def select_inputs(args, work: Path, largest: int):
+    """n -> the first n inputs of the chosen shape (files cached under `work`)."""
+    calls = make_inputs(work / "inputs", {"calls": largest, "mix": args.calls}.get(args.shape, 0))
+    if args.shape == "calls":
+        return lambda n: calls[:n]
+    minutes = [float(m) for m in args.minutes.split(",")]
+    long = make_long_inputs(work / "podcasts", [minutes[i % len(minutes)] for i in range(largest)])
+    if args.shape == "podcasts":
+        return lambda n: long[:n]
+    return lambda n: long[:n] + calls[: args.calls]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="4,8,16")
     ap.add_argument("--baseline", action="store_true")
     ap.add_argument("--workdir", default="/tmp/csm-bench")
+    ap.add_argument("--shape", default="calls", choices=["calls", "podcasts", "mix"])
+    ap.add_argument("--minutes", default="10,20,30", help="podcast lengths, cycled over the recordings")
+    ap.add_argument("--calls", type=int, default=4, help="short calls added to each size of the mix")
     args = ap.parse_args()
     work, cores = Path(args.workdir), os.cpu_count() or 1
     sizes = [int(s) for s in args.sizes.split(",")]
-    inputs = make_inputs(work / "inputs", max(sizes))
+    inputs = select_inputs(args, work, max(sizes))
+    print(f"load average before: {os.getloadavg()[0]:.2f} (1 min) on {cores} cores", file=sys.stderr)
     results = {}
     for n in sizes:
-        out = work / f"out-{n}"
+        out = work / f"out-{args.shape}-{n}"
         subprocess.run(["rm", "-rf", str(out)])
-        results[n] = run_pipeline(inputs[:n], out)
+        results[n] = run_pipeline(inputs(n), out)
         r = results[n]["run"]
         print(f"[{n} inputs] {r['audio_hours'] * 3600:.0f} s audio in {results[n]['wall']:.1f} s", file=sys.stderr)
 
@@ -119,7 +140,7 @@ def main() -> None:
     if args.baseline:  # at the smallest size (start-up weighs most) and the largest (closest to steady state)
         rows = []
         for n in sorted({sizes[0], sizes[-1]}):
-            base, ours = run_baseline(inputs[:n], work / f"baseline-{n}"), results[n]
+            base, ours = run_baseline(inputs(n), work / f"baseline-{args.shape}-{n}"), results[n]
             audio = base["audio_seconds"]
             model_cpu = model_cpu_seconds(ours["run"])
             rows += [
@@ -131,9 +152,13 @@ def main() -> None:
                  # over every core, against the script's processing (model load excluded) on the same cores.
                  f"{base['process_seconds'] / (model_cpu / cores):.2f}x"],
             ]
-        print("\n## Side by side, same models, same inputs\n")
+        print(f"\n## Side by side, same models, same inputs (load average now {os.getloadavg()[0]:.2f})\n")
         print(table(rows, ["inputs", "", "wall s", "start-up s", "x real time", "machine busy", "throughput vs script",
                            "ceiling: models only"]))
+        ours = results[sizes[-1]]  # `base` is the largest size's, the loop's last
+        print(f"\n{args.shape}, {sizes[-1]} inputs ({base['audio_seconds'] / 60:.0f} min of audio): "
+              f"{base['wall'] / ours['wall']:.2f}x the same-model sequential script, model CPU efficiency over the "
+              f"whole run {model_cpu_seconds(ours['run']) / (cores * ours['wall']):.2f}")
         print("\nstart-up: the script's model loading; the pipeline's process start, Ray start and stop (its workers "
               "load their models inside the run, in parallel).")
 
