@@ -1,4 +1,4 @@
-"""`pipeline run | stats | train`."""
+"""`pipeline run | stats | pack | link-speakers | train`."""
 
 from __future__ import annotations
 
@@ -98,6 +98,38 @@ def pack(directory: str, output: str, shard_size: str, val_fraction: float, seed
     splits = ", ".join(f"{k}: {v['samples']} samples in {v['shards']} shards from {v['sources']} sources"
                        for k, v in summary["splits"].items())
     click.echo(f"[csm-corpus] packed {splits}; {summary['duplicates']} duplicate samples dropped (duplicates.parquet)", err=True)
+
+
+@main.command("link-speakers")
+@click.argument("directory")
+@click.option("--group-by", default=None, metavar="COLUMN",
+              help="Link only speakers whose sources share this speakers/ column (e.g. source_dir: one show per directory).")
+@click.option("--threshold", default=None, type=float,
+              help="Cosine distance that ends linking. Default: the corpus's diarize.link_threshold.")
+def link_speakers(directory: str, group_by: str | None, threshold: float | None) -> None:
+    """Link the source speakers of the corpus at DIRECTORY (speakers/*.parquet) into corpus
+    speakers, written to DIRECTORY/speaker_map.parquet with how confident each link is."""
+    from collections import Counter
+
+    from stages.corpus_format import CONFIG_FILE, OutputDir
+    from stages.speakers import CORPUS_MAP, write_corpus_map
+
+    out = OutputDir(directory)
+    if not out.exists(CONFIG_FILE):
+        raise click.UsageError(f"no corpus at {directory}")
+    if threshold is None:
+        from stages.diarize import DiarizeConfig
+
+        diarize = json.loads(out.read_bytes(CONFIG_FILE))["config"]["diarize"]
+        threshold = diarize.get("link_threshold", DiarizeConfig.link_threshold)  # a corpus made before linking
+    try:
+        rows = write_corpus_map(out, threshold, group_by)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    conf = Counter(r["confidence"] for r in rows)
+    click.echo(f"[csm-corpus] {len(rows)} source speakers -> {len({r['corpus_speaker'] for r in rows})} corpus speakers "
+               f"(threshold {threshold:g}{f', within {group_by}' if group_by else ''}); links: "
+               f"{', '.join(f'{v} {k}' for k, v in sorted(conf.items())) or 'none'}; see {out.path(CORPUS_MAP)}", err=True)
 
 
 from train.cli import export, generate, train  # noqa: E402  (registered after the group exists)

@@ -39,6 +39,8 @@ from pipeline.corpus import chunk_records, read_errors
 from stages.chain import CHAIN, Chain
 from stages.corpus_format import ChunkRecord, OutputDir
 from stages.intervals import intersect, length, subtract, union
+from stages.corpus_format import label_map, read_speakers
+from stages.speakers import read_corpus_map
 
 PAUSES = "vad:non_speech (pauses between kept utterances)"
 
@@ -273,6 +275,9 @@ def corpus_stats(root: str, values: bool = False, chain: Chain = CHAIN) -> dict[
     dists = distributions_from(mt, utts)
     text_chars, n_utts, frames = (float(np.nansum(_np(mt, c))) for c in ("text_chars", "utterances", "frames"))
     labels = _col(mt, "speaker_labels", [])
+    speaker_rows = read_speakers(out)
+    to_source = label_map(speaker_rows)  # chunk labels -> one labelling per source, where linked
+    corpus_map = read_corpus_map(out)
     result = {
         "sources": len({c.uri for c in chunks}),
         "failed_sources": len({c.uri for c in chunks if c.failed}),
@@ -283,8 +288,12 @@ def corpus_stats(root: str, values: bool = False, chain: Chain = CHAIN) -> dict[
         "audio_hours": float(np.nansum(_np(mt, "duration"))) / 3600,
         "speech_hours": float(np.nansum(_np(mt, "speech_seconds"))) / 3600,
         "utterances": int(n_utts),
-        # Speakers are labelled per source: count distinct (source, label) pairs.
-        "speakers": len({(sid, lab) for sid, labs in zip(sids, labels) for lab in labs or ()}),
+        # Distinct (source, speaker) pairs among kept windows, chunk labels mapped through speakers/.
+        "speakers": len({(sid, to_source.get((sid, c, lab), lab))
+                         for sid, c, labs in zip(sids, chunk_idx, labels) for lab in labs or ()}),
+        "linked_sources": len({r["source_id"] for r in speaker_rows}),
+        "corpus_speakers": len({r["corpus_speaker"] for r in corpus_map}) if corpus_map else None,
+        "corpus_links": dict(Counter(r["confidence"] for r in corpus_map)),
         "frames": int(frames),
         "text_chars": int(text_chars),
         # What the model sees: text tokens (chars / 3.5 + BOS/EOS per utterance), frames, and one
@@ -320,7 +329,9 @@ def format_stats(s: dict[str, Any]) -> str:
         f"input audio    {s['input_hours']:.3f} h",
         f"kept windows   {s['audio_hours']:.3f} h ({s['speech_hours']:.3f} h of speech)",
         f"utterances     {s['utterances']}",
-        f"speakers       {s['speakers']}",
+        f"speakers       {s['speakers']} (per source; {s['linked_sources']} sources linked across chunks)"
+        + (f", {s['corpus_speakers']} corpus speakers (links: {', '.join(f'{v} {k}' for k, v in sorted(s['corpus_links'].items()))})"
+           if s.get("corpus_speakers") is not None else ""),
         f"frames         {s['frames']} ({s['frames'] / 12.5 / 3600:.3f} h of codes)",
         f"text chars     {s['text_chars']} (~{s['text_tokens_estimate']} text tokens; ~{s['positions_estimate']} model positions)",
         f"languages      {', '.join(f'{k}: {v}' for k, v in s['languages'].items()) or '-'}",

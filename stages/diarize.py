@@ -14,7 +14,9 @@ Two ways to get speakers:
 
 Labels are "S0", "S1", ... in order of first speech within the chunk. Chunks of one source are
 diarized independently (a window never spans two chunks), so labels are consistent within a
-chunk; the speaker centroids are kept in `chunk.speaker_embeddings` for anyone linking chunks later.
+chunk; the speaker centroids (`chunk.speaker_embeddings`) and speech seconds go into the chunk's
+commit record, from which the driver links the chunks of a source into one labelling
+(stages/speakers.py, `link_chunks`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,18 @@ class DiarizeConfig:
     max_channel_overlap: float = 0.3  # speech on >1 channel / speech on any channel
     max_channel_correlation: float = 0.5  # |Pearson| of the channels' samples
     min_channel_speech: float = 1.0  # seconds of speech each of two channels must have
+    # One labelling per source (stages/speakers.py): when a source's last chunk commits, its chunks'
+    # speakers are linked by their centroids (cosine distance, centroid linkage) up to
+    # `link_threshold`, into speakers/<source_id>.parquet. Not `threshold`: a chunk centroid
+    # averages many windows, so two voices' centroids sit closer than their windows do (measured on
+    # a two-voice conversation in 12 s chunks: one voice 0.02-0.17 apart, two voices 0.34-0.50, and
+    # at 0.40 and above the two merge). A hub pipeline's embeddings are another space: tune it.
+    link_chunks: bool = True
+    link_threshold: float = 0.3
+    # A source speaker with less speech than this over the whole source is not a speaker: its
+    # turns go to the nearest one that has enough (a stray cluster: a laugh, a cough, a re-encode
+    # artefact).
+    min_speaker_seconds: float = 5.0
     device: str | None = None  # None: cuda when available
     cpus: float = 1.0
     gpus: float = 0.0
@@ -75,6 +89,8 @@ class DiarizeConfig:
         require_between(self, 0.0, 2.0, "threshold")  # a cosine distance
         require_between(self, 0.0, 1.0, "segmentation_threshold", "max_channel_overlap", "max_channel_correlation")
         require(0 < self.segmentation_step <= 1, "segmentation_step", f"must be in (0, 1], got {self.segmentation_step}")
+        require(0.0 < self.link_threshold <= 2.0, "link_threshold", f"must be in (0, 2], got {self.link_threshold}")
+        require(self.min_speaker_seconds >= 0, "min_speaker_seconds", f"must be >= 0, got {self.min_speaker_seconds}")
         require(self.min_cluster_size >= 1, "min_cluster_size", f"must be at least 1, got {self.min_cluster_size}")
         require(self.channels_as_speakers in ("auto", True, False), "channels_as_speakers",
                 f"must be auto, true or false, got {self.channels_as_speakers!r}")
