@@ -156,7 +156,7 @@ def main() -> None:
         print(table(rows, ["inputs", "", "wall s", "start-up s", "x real time", "machine busy", "throughput vs script",
                            "ceiling: models only"]))
         ours = results[sizes[-1]]  # `base` is the largest size's, the loop's last
-        print(f"\n{args.shape}, {sizes[-1]} inputs ({base['audio_seconds'] / 60:.0f} min of audio): "
+        print(f"\n{args.shape}, {len(inputs(sizes[-1]))} files ({base['audio_seconds'] / 60:.0f} min of audio): "
               f"{base['wall'] / ours['wall']:.2f}x the same-model sequential script, model CPU efficiency over the "
               f"whole run {model_cpu_seconds(ours['run']) / (cores * ours['wall']):.2f}")
         print("\nstart-up: the script's model loading; the pipeline's process start, Ray start and stop (its workers "

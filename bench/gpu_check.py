@@ -76,10 +76,10 @@ def speech(rate: int, seconds: float) -> np.ndarray:
     from scipy.io import wavfile
     from scipy.signal import resample_poly
 
-    try:
-        import pyannote.audio
+    try:  # located without importing pyannote (ten seconds of imports)
+        import importlib.util
 
-        sr, x = wavfile.read(Path(pyannote.audio.__file__).parent / "sample" / "sample.wav")
+        sr, x = wavfile.read(Path(importlib.util.find_spec("pyannote.audio").origin).parent / "sample" / "sample.wav")
         x = x.astype(np.float32) / (32768.0 if x.dtype == np.int16 else 1.0)
         x = resample_poly(x, rate, sr).astype(np.float32) if sr != rate else x
     except Exception:
@@ -93,10 +93,10 @@ def mimi(device: str, batches: list[int], seconds: float, sync) -> None:
     from stages.tokenize import CodecUnavailable, TokenizeConfig, encode_batch, load_mimi, use_whole_clip_encoder
 
     try:
-        model, ident = load_mimi(TokenizeConfig(), device)
+        model, _ = load_mimi(TokenizeConfig(), device)
         note = "released weights"
     except CodecUnavailable:  # no hub here: the seeded random Mimi, same architecture, same speed
-        model, ident = load_mimi(TokenizeConfig(allow_unreleased=True), device)
+        model, _ = load_mimi(TokenizeConfig(allow_unreleased=True), device)
         note = "RANDOM-INIT Mimi (allow_unreleased: released weights unavailable); agreement on random codebooks"
     model = use_whole_clip_encoder(model)  # as the pipeline runs it
     audio = speech(24000, seconds * 8)
@@ -218,7 +218,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated sections (mimi,segmentation,embedding,trainer)")
-    ap.add_argument("--budget-s", type=float, default=None, help="print the table by then (default 420, dry run 240)")
+    ap.add_argument("--budget-s", type=float, default=None, help="print the table by then (default 400, dry run 240)")
     args = ap.parse_args()
     import torch
 
@@ -232,7 +232,7 @@ def main() -> None:
     only = set(filter(None, args.only.split(",")))
     want = lambda s: not only or s in only  # noqa: E731
     t0 = time.perf_counter()
-    DEADLINE[0] = t0 + (args.budget_s or (240 if dry else 420))
+    DEADLINE[0] = t0 + (args.budget_s or (240 if dry else 400))
 
     def killed(signum, frame):  # `timeout` in gpu_check.sh: still print what was measured
         row("check", "-", note=f"stopped by signal {signum}: later sections not measured")
