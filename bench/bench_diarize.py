@@ -4,6 +4,12 @@ plus the channel-attribution path on a two-channel call, with seconds per minute
 
     python bench/bench_diarize.py            # the grid used to pick the default
     python bench/bench_diarize.py --quick    # only the default setting
+    python bench/bench_diarize.py --long [--chunk-seconds 30,60,120]
+
+--long: recordings of several chunks, diarized as the pipeline does (chunk by chunk, then the
+chunks' speakers linked into one labelling per source, tests/diarize_chunks.py) and scored as whole
+files: DER and JER with one label mapping per file, and the speaker-count error, with chunk labels
+left unlinked for comparison (every chunk's speakers counted as new ones).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import numpy as np
 import soundfile as sf
-from conftest_audio import CLOSE_VOICES, SCRIPT, conversation, energy_regions
+from conftest_audio import CLOSE_VOICES, SCRIPT, SCRIPT_THREE, VOICE_A, VOICE_B, VOICE_C, conversation, energy_regions
+from diarize_chunks import diarize_chunks, linked_turns
 
 from stages.diarize import DiarizeConfig, DiarizeStage
 from stages.diarizer import build_offline_pipeline
@@ -95,14 +102,77 @@ def run(pipeline, wav, file=None):
     return [(float(s.start), float(s.end), k) for s, _, k in out.speaker_diarization.itertracks(yield_label=True)]
 
 
+def mulaw_8k(wav: np.ndarray) -> np.ndarray:
+    """A telephone copy: 8 kHz, 8-bit mu-law, back to 16 kHz."""
+    from scipy.signal import resample_poly
+
+    x = np.clip(resample_poly(wav, 1, 2), -1, 1)
+    q = np.round(np.sign(x) * np.log1p(255 * np.abs(x)) / np.log1p(255) * 127) / 127
+    return resample_poly(np.sign(q) * np.expm1(np.abs(q) * np.log1p(255)) / 255, 2, 1).astype(np.float32)
+
+
+def long_recordings():
+    """name -> (mono 16 kHz, reference turns): 2.5 to 4 minutes each, two and three voices."""
+    import pyannote.audio
+
+    sample = Path(pyannote.audio.__file__).parent / "sample"
+    wav, _ = sf.read(sample / "sample.wav", dtype="float32")
+    ref = [(float(r.split()[3]), float(r.split()[3]) + float(r.split()[4]), r.split()[7])
+           for r in (sample / "sample.rttm").read_text().splitlines() if r.strip()]
+    x8 = np.concatenate([wav] * 8)
+    ref8 = [(s + 30.0 * i, e + 30.0 * i, k) for i in range(8) for s, e, k in ref]
+    out = {"sample-x8": (x8, ref8), "sample-x8-mulaw8k": (mulaw_8k(x8), ref8)}
+    lead = 60.0  # leading silence (a faint noise floor), the reference shifted by it
+    silence = (10 ** (-55 / 20) * np.random.default_rng(5).standard_normal(int(lead * 16000))).astype(np.float32)
+    out["sample-x8-lead60"] = (np.concatenate([silence, x8]), [(s + lead, e + lead, k) for s, e, k in ref8])
+    for name, conv in [("synth2-4min", conversation(script=SCRIPT * 8, gap=0.4, seed=31)),
+                       ("synth2-close-3min", conversation(script=SCRIPT * 6, voices=CLOSE_VOICES, gap=0.3, seed=32)),
+                       ("synth3-3min", conversation(script=SCRIPT_THREE * 6, voices=(VOICE_A, VOICE_B, VOICE_C), gap=0.4, seed=33))]:
+        out[name] = (conv.mono, conv.turns)
+    return out
+
+
+def main_long(chunk_sizes: list[float]):
+    """Whole-file scores of chunked diarization, linked and unlinked, per chunk size."""
+    stage = DiarizeStage(DiarizeConfig(cpus=min(2, os.cpu_count() or 1)))
+    stage.setup()
+    cfg = stage.config
+    data = long_recordings()
+    print(f"whole-file DER / JER (collar 0.25 s), speakers found vs true; link threshold {cfg.link_threshold}, "
+          f"min_speaker_seconds {cfg.min_speaker_seconds}")
+    print(f"{'recording':20s} {'min':>5s} {'chunk s':>7s} {'chunks':>6s} {'linked DER/JER':>15s} {'spk':>7s} "
+          f"{'unlinked DER':>12s} {'spk':>4s} {'cpu s/min':>9s}")
+    rows = []
+    for name, (wav, ref) in data.items():
+        true_n = len({k for _, _, k in ref})
+        for size in chunk_sizes:
+            c = time.process_time()
+            chunks = diarize_chunks(stage, wav, size, rid=name)
+            cpu = (time.process_time() - c) / (len(wav) / 16000 / 60)
+            turns, speakers = linked_turns(chunks, cfg.link_threshold, cfg.min_speaker_seconds)
+            der, jer, n = scores(ref, [(t.start, t.end, t.speaker) for t in turns])
+            unlinked = [(t.start, t.end, f"{ch.index}:{t.speaker}") for ch in chunks for t in ch.turns]
+            uder, _, un = scores(ref, unlinked)
+            rows.append((name, size, der, n == true_n))
+            print(f"{name:20s} {len(wav) / 16000 / 60:5.1f} {size:7.0f} {len(chunks):6d} {der:7.3f}/{jer:.3f} "
+                  f"{n:3d} ({true_n}) {uder:12.3f} {un:4d} {cpu:9.2f}", flush=True)
+    exact = sum(r[3] for r in rows)
+    two = [r[2] for r in rows if not r[0].startswith("synth3")]
+    print(f"\nexact speaker count {exact}/{len(rows)}; two-voice whole-file DER mean {np.mean(two):.3f}, worst {max(two):.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--long", action="store_true", help="chunked long recordings scored as whole files")
+    ap.add_argument("--chunk-seconds", default="30,60,120", help="with --long: chunk sizes to compare")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.long:
+        return main_long([float(x) for x in args.chunk_seconds.split(",")])
     data = datasets()
     base = DiarizeConfig()
     thresholds = [base.threshold] if args.quick else [0.35, 0.4, 0.44, 0.46, 0.48, 0.5, 0.52, 0.6]

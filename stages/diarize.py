@@ -72,12 +72,13 @@ class DiarizeConfig:
     # `link_threshold`, into speakers/<source_id>.parquet. Not `threshold`: a chunk centroid
     # averages many windows, so two voices' centroids sit closer than their windows do (measured on
     # a two-voice conversation in 12 s chunks: one voice 0.02-0.17 apart, two voices 0.34-0.50, and
-    # at 0.40 and above the two merge). A hub pipeline's embeddings are another space: tune it.
+    # at 0.40 and above the two merge; pyannote's telephone voices are 0.11-0.13 apart, kept apart
+    # by the rule below). A hub pipeline's embeddings are another space: tune it.
     link_chunks: bool = True
     link_threshold: float = 0.3
     # A source speaker with less speech than this over the whole source is not a speaker: its
     # turns go to the nearest one that has enough (a stray cluster: a laugh, a cough, a re-encode
-    # artefact).
+    # artefact). Two speakers of one chunk with this much speech each are never linked together.
     min_speaker_seconds: float = 5.0
     device: str | None = None  # None: cuda when available
     cpus: float = 1.0

@@ -4,7 +4,8 @@ The diarizer labels each `decode.chunk_seconds` chunk on its own (S0, S1, ... by
 chunk). Once every chunk of a source is committed, `link_source` links those local labels into one
 labelling per source from what the chunk records hold (each local speaker's centroid and speech
 seconds): centroid-linkage agglomerative clustering with the diarizer's cosine metric and a
-threshold of its own, `diarize.link_threshold` (two labels of one chunk may join: a short chunk's diarization can split a voice). Then no
+threshold of its own, `diarize.link_threshold`, never joining two speakers of one chunk that both
+have enough speech in it (a short chunk's diarizer can split a voice in small clusters). Then no
 speaker keeps less than `min_speaker_seconds` of speech over the whole source: such a cluster (a
 stray third voice, a cough, a laugh) joins the nearest remaining speaker. The result is
 `speakers/<source_id>.parquet`, one row per source speaker (its embedding, seconds and the chunk
@@ -127,18 +128,20 @@ def fold_short(items: list[Item], clusters: list[list[int]], min_seconds: float)
 # ----------------------------------------------------------------------------- one source
 
 
-def chunk_items(records: Iterable[ChunkRecord]) -> list[Item]:
-    """The local speakers of a source's chunks, in chunk then label order."""
+def chunk_items(records: Iterable[ChunkRecord], min_seconds: float) -> list[Item]:
+    """The local speakers of a source's chunks, in chunk then label order. Two speakers of one
+    chunk that both have `min_seconds` of speech in it are different by construction (the
+    diarizer told them apart on enough speech: pyannote's two telephone voices are only 0.11-0.13
+    apart as centroids); shorter ones are not, since a short chunk's diarizer splits a voice into
+    small clusters (measured 0.07-0.13 apart on 12 s chunks)."""
     items = []
     for r in sorted(records, key=lambda r: r.chunk):
         for label in sorted(r.speakers, key=lambda lab: (len(lab), lab)):  # S2 before S10
             s = r.speakers[label]
-            emb = s.get("embedding")
+            emb, channel, seconds = s.get("embedding"), s.get("channel"), float(s["seconds"])
             vec = _unit(np.asarray(emb, dtype=np.float64)) if emb else None
-            channel = s.get("channel")
-            # No constraint between two speakers of one chunk: on short chunks the diarizer splits a
-            # voice (min_cluster_size is capped at 10 % of the embeddings), measured 0.07-0.13 apart.
-            items.append(Item((r.chunk, label), float(s["seconds"]), vec, tie=None if channel is None else ("ch", channel)))
+            items.append(Item((r.chunk, label), seconds, vec, r.chunk if seconds >= min_seconds else None,
+                              None if channel is None else ("ch", channel)))
     return items
 
 
@@ -149,7 +152,7 @@ def link_source(records: list[ChunkRecord], threshold: float, min_seconds: float
     if not records:
         return []
     first = records[0]
-    items = chunk_items(records)
+    items = chunk_items(records, min_seconds)
     clusters, folded = fold_short(items, cluster(items, threshold), min_seconds)
     rows = []
     for n, members in enumerate(clusters):

@@ -40,19 +40,22 @@ def record(chunk, speakers, last=False, sid="src"):
 # --- linking from records (no models) -------------------------------------------------------
 
 
-def test_labels_follow_the_voice_across_chunks_and_a_voice_split_inside_a_chunk_is_joined():
+def test_labels_follow_the_voice_across_chunks_and_speakers_of_a_chunk_join_only_when_short():
     A, B, _ = _voices()
     rng = np.random.default_rng(1)
     recs = [record(0, {"S0": {"seconds": 6, "embedding": _near(A, rng)}, "S1": {"seconds": 6, "embedding": _near(B, rng)}}),
             # chunk 1 starts with voice B: its local S0 is B
             record(1, {"S0": {"seconds": 6, "embedding": _near(B, rng)}, "S1": {"seconds": 6, "embedding": _near(A, rng)}}),
-            # one chunk's two labels on one voice: the diarizer split it on a short chunk
-            record(2, {"S0": {"seconds": 6, "embedding": _near(A, rng)}, "S1": {"seconds": 6, "embedding": _near(A, rng)}}, True)]
+            # one chunk's two short labels on one voice: the diarizer split it in small clusters
+            record(2, {"S0": {"seconds": 3, "embedding": _near(A, rng)}, "S1": {"seconds": 2.5, "embedding": _near(A, rng)}}),
+            # two long labels of one chunk: told apart on enough speech, they stay apart however close
+            record(3, {"S0": {"seconds": 8, "embedding": _near(A, rng)}, "S1": {"seconds": 8, "embedding": _near(A, rng)}}, True)]
     rows = link_source(recs, THRESHOLD, 5.0)
     got = {(c["chunk"], c["label"]): r["speaker"] for r in rows for c in r["chunks"]}
     assert got[(0, "S0")] == got[(1, "S1")] == "S0" and got[(0, "S1")] == got[(1, "S0")] == "S1"
     assert got[(2, "S0")] == got[(2, "S1")] == "S0"
-    assert all(c["distance"] < 0.2 for r in rows[:2] for c in r["chunks"])  # noise is ~0.1 from the voice
+    assert got[(3, "S0")] != got[(3, "S1")]
+    assert all(c["distance"] < 0.2 for r in rows for c in r["chunks"])  # noise is ~0.1 from the voice
     assert link_source(list(reversed(recs)), THRESHOLD, 5.0) == rows  # order of arrival does not matter
 
 
