@@ -206,3 +206,19 @@ def test_kill_and_resume_with_linking_gives_identical_bytes(reference, clips, tm
     lost.unlink()
     finish(cli([*map(str, clips), "--output", str(out), *FAST]))
     assert _with_speakers(out) == ref
+
+
+def test_stats_reports_linked_sources_and_corpus_speakers(tmp_path):
+    from pipeline.stats import corpus_stats, format_stats
+    from stages.speakers import write_corpus_map
+
+    A, B, _ = _voices()
+    out = OutputDir(str(tmp_path))
+    out.makedirs()
+    for sid in ("one", "two"):
+        write_source_speakers(out, [record(0, {"S0": {"seconds": 9, "embedding": list(A)}, "S1": {"seconds": 9, "embedding": list(B)}},
+                                           True, sid=sid)], THRESHOLD, 5.0)
+    write_corpus_map(out, THRESHOLD)
+    s = corpus_stats(str(tmp_path))
+    assert s["linked_sources"] == 2 and s["corpus_speakers"] == 2 and s["corpus_links"] == {"high": 4}
+    assert "2 sources linked across chunks), 2 corpus speakers (links: 4 high)" in format_stats(s)
