@@ -221,7 +221,7 @@ def distributions_from(table, utts: dict[str, np.ndarray]) -> dict[str, np.ndarr
         return d
     d["window_seconds"] = _np(table, "duration")
     d["speakers_per_window"] = _np(table, "speakers")
-    for col in ("speech_ratio", "snr_db"):
+    for col in ("speech_ratio", "snr_db", "dnsmos_ovrl"):
         v = _np(table, col)
         if np.isfinite(v).any():
             d[col] = v[np.isfinite(v)]

@@ -110,7 +110,7 @@ def test_funnel_adds_up_over_a_real_run(embedded_run):
     d = s["distributions"]
     assert d["utterance_seconds"]["count"] == s["utterances"]
     assert d["window_seconds"]["count"] == s["samples"]
-    for name in ("speakers_per_window", "chars_per_second", "avg_logprob", "overlap_ratio", "snr_db", "speech_ratio"):
+    for name in ("speakers_per_window", "chars_per_second", "avg_logprob", "overlap_ratio", "snr_db", "speech_ratio", "dnsmos_ovrl"):
         assert d[name] and math.isfinite(d[name]["mean"])
     text = format_stats(s)
     assert "funnel" in text and "kept (utterance audio in samples)" in text and "chars_per_second" in text
