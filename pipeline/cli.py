@@ -132,11 +132,12 @@ def link_speakers(directory: str, group_by: str | None, threshold: float | None)
                f"{', '.join(f'{v} {k}' for k, v in sorted(conf.items())) or 'none'}; see {out.path(CORPUS_MAP)}", err=True)
 
 
-from train.cli import export, generate, train  # noqa: E402  (registered after the group exists)
+from train.cli import evaluate, export, generate, train  # noqa: E402  (registered after the group exists)
 
 main.add_command(train, name="train")
 main.add_command(export, name="export")
 main.add_command(generate, name="generate")
+main.add_command(evaluate, name="evaluate")
 
 if __name__ == "__main__":
     sys.exit(main())

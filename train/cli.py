@@ -103,3 +103,41 @@ def generate(model, text, contexts, shards, output, step, tokenizer, max_seconds
     if not codec_id.get("released", False):
         click.echo(f"[csm-corpus] WARNING: decoded with {codec_id.get('weights')}, NOT the released Mimi: "
                    "the audio is noise (marked in the .json next to it).", err=True)
+
+
+@click.command("evaluate")
+@click.argument("model")
+@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Corpus (or packed corpus) directory: its held-out sources give the loss and the contexts.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="report.json to write.")
+@click.option("--report", "html_out", type=click.Path(dir_okay=False), default=None, help="Also an HTML page.")
+@click.option("--step", type=int, default=None, help="Checkpoint step of a run directory (default: the latest).")
+@click.option("--tokenizer", default=None, help="Text tokenizer (default: the run's, or the model directory's).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML overrides of EvaluateConfig in train/config.py (e.g. configs/train/evaluate.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="e.g. phoneme_model=DIR.")
+def evaluate(model, shards, output, html_out, step, tokenizer, config_file, overrides):
+    """Score MODEL (run directory, transformers CSM directory or hub id): held-out loss per codebook,
+    intelligibility, speaker similarity, length and stopping, the pronunciation tests."""
+    import json
+
+    from stages.overrides import read_yaml, with_overrides
+    from train.config import EvaluateConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from train import evaluate as ev
+
+    try:
+        cfg = with_overrides(EvaluateConfig(), read_yaml(config_file) if config_file else {})
+        cfg = with_overrides(cfg, parse_sets(overrides))
+        report = ev.evaluate(model, shards, cfg, step, tokenizer)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from e
+    with open(output, "w") as f:
+        json.dump(report, f, indent=1)
+    if html_out:
+        ev.write_html(report, html_out)
+    for metric, reason in report["not_scored"].items():
+        click.echo(f"[csm-corpus] NOT SCORED {metric}: {reason}", err=True)
+    click.echo(f"[csm-corpus] {output}: {len(report['prompts'])} prompts, {len(report['not_scored'])} metric(s) not scored",
+               err=True)

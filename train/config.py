@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from stages.overrides import parse_sets, read_yaml, with_overrides  # noqa: F401 (parse_sets re-exported)
+from stages.overrides import parse_sets, read_yaml, require, with_overrides  # noqa: F401 (parse_sets re-exported)
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,40 @@ class GenerateConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     mode: str = "auto"  # auto (ddp when WORLD_SIZE > 1), none, ddp, fsdp
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`pipeline evaluate`: held-out loss, a fixed prompt set and the pronunciation tests (train/evaluate.py)."""
+
+    loss_batches: int = 64  # held-out batches of data.micro_batch_size samples (the run's) for the loss
+    prompts: tuple[str, ...] = (
+        "Thanks for having me on the show, it is great to be here.",
+        "I think the hardest part was getting everyone to agree on a date.",
+        "We drove for six hours and the weather was terrible the whole way.",
+        "Honestly, I did not expect the results to be that good.",
+        "Could you say a little more about how that started?",
+        "The library closes at nine, so we should probably hurry.",
+    )  # said by speaker 0 right after a held-out context turn of speaker 0
+    contexts: int = 6  # held-out samples whose first turn is a prompt's context, round robin (0: no context)
+    max_seconds: float = 10.0  # per generation; hitting it is reported as not stopping
+    temperature: float = 0.9
+    top_k: int = 50
+    seed: int = 0  # prompt i samples with seed + i
+    mimi: str | None = None  # local Mimi safetensors; None: the released file from the hub
+    asr: bool = True  # intelligibility with the pipeline's ASR (stages.asr, packaged Whisper)
+    speaker_encoder: str | None = None  # resemblyzer weights; None: the package's pretrained.pt
+    phoneme_model: str | None = None  # wav2vec2 phoneme CTC, hub id or path (facebook/wav2vec2-lv-60-espeak-cv-ft)
+    pronunciation: tuple[str, ...] = ("homograph", "consistency")  # which of the seed's tests to run
+    espeak_voice: str = "en-us"
+
+    def __post_init__(self):
+        require(self.loss_batches >= 0, "loss_batches", f"must be >= 0, got {self.loss_batches}")
+        require(self.contexts >= 0, "contexts", f"must be >= 0, got {self.contexts}")
+        require(self.max_seconds > 0, "max_seconds", f"must be > 0, got {self.max_seconds}")
+        require(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        require(set(self.pronunciation) <= {"homograph", "consistency"}, "pronunciation",
+                f"tests are homograph and consistency, got {list(self.pronunciation)}")
 
 
 @dataclass(frozen=True)
