@@ -3,6 +3,7 @@
     python bench/bench_pipeline.py [--sizes 4,8,16] [--baseline] [--workdir /tmp/csm-bench]
     python bench/bench_pipeline.py --shape podcasts --sizes 1,2 --minutes 10,20,30 --baseline
     python bench/bench_pipeline.py --shape mix --sizes 1 --minutes 12 --calls 4 --baseline
+    python bench/bench_pipeline.py --shape podcasts --sizes 1 --minutes 10 --set vad.cpus=2 --set asr.cpus=2 ...
 
 Shapes: `calls` (default), each size N distinct 30 s conversations; `podcasts`, N recordings of
 `--minutes` (cycled: 10, 20, 30 minutes), where one long recording has fewer chunks than cores;
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from common import ROOT, make_inputs, make_long_inputs, table
 
-MODEL_STAGES = ("vad", "diarize", "asr", "tokenize")
+MODEL_STAGES = ("vad", "diarize", "asr", "filter_windows", "tokenize")  # filter_windows: DNSMOS, a model
 
 
 def model_cpu_seconds(run: dict) -> float:
@@ -51,10 +52,10 @@ def worker_rss_gb() -> float:
     return peak / 2**20
 
 
-def run_pipeline(inputs: list[Path], out: Path) -> dict:
+def run_pipeline(inputs: list[Path], out: Path, sets: list[str] = ()) -> dict:
     busy, t0 = machine_busy_seconds(), time.time()
     cmd = [sys.executable, "-m", "pipeline.cli", "run", *map(str, inputs), "--output", str(out),
-           "--set", "tokenize.allow_unreleased=true", "--allow-config-change"]
+           "--set", "tokenize.allow_unreleased=true", "--allow-config-change", *(x for s in sets for x in ("--set", s))]
     log = out.parent / f"{out.name}.log"  # a file, not a pipe: nobody reads a pipe while it runs
     with open(log, "wb") as sink:
         proc, rss = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT), 0.0
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--shape", default="calls", choices=["calls", "podcasts", "mix"])
     ap.add_argument("--minutes", default="10,20,30", help="podcast lengths, cycled over the recordings")
     ap.add_argument("--calls", type=int, default=4, help="short calls added to each size of the mix")
+    ap.add_argument("--set", action="append", default=[], help="pipeline config override, e.g. tokenize.cpus=2")
     args = ap.parse_args()
     work, cores = Path(args.workdir), os.cpu_count() or 1
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -105,7 +107,7 @@ def main() -> None:
     for n in sizes:
         out = work / f"out-{args.shape}-{n}"
         subprocess.run(["rm", "-rf", str(out)])
-        results[n] = run_pipeline(inputs(n), out)
+        results[n] = run_pipeline(inputs(n), out, args.set)
         r = results[n]["run"]
         print(f"[{n} inputs] {r['audio_hours'] * 3600:.0f} s audio in {results[n]['wall']:.1f} s", file=sys.stderr)
 
