@@ -150,3 +150,28 @@ def test_evaluate_config_is_validated():
         with_overrides(EvaluateConfig(), {"pronunciation": ["rhymes"]})
     with pytest.raises(ConfigError, match="max_seconds"):
         EvaluateConfig(max_seconds=0)
+
+
+def test_audio_metrics_plumbing_with_real_asr_and_speaker_encoder(run_dir, tmp_path):
+    """The scored path, forced on the seeded random Mimi (the released one is not here): the pipeline's
+    ASR, resemblyzer and a random phoneme recogniser on what the run generates. Numbers are noise."""
+    from train import evaluate as ev, generate
+
+    root, _ = run_dir
+    loaded = generate.load(str(root / "run"))
+    codec, codec_id = generate.load_codec(loaded.model.N, True)
+    cfg = EvaluateConfig(prompts=("hello there",), max_seconds=0.6, phoneme_model=str(_random_recogniser(tmp_path / "w2v")),
+                         pronunciation=("consistency",))
+    scorers = ev.Scorers(cfg, {**codec_id, "released": True}, None)  # pretend: scores noise, for the plumbing only
+    assert scorers.audio is None and scorers.asr_error is None and scorers.encoder_error is None
+    assert scorers.phoneme_error is None
+    g = generate.GenerateConfig(temperature=cfg.temperature, max_seconds=cfg.max_seconds, seed=0)
+    urls, _ = ev.held_out_shards(str(root / "data"), ev.run_config(str(root / "run"), loaded, None), True)
+    contexts = ev.context_turns(urls, 1, loaded.tokenizer, loaded.model.N)
+    out = ev.prompt_set(loaded, cfg, g, codec, contexts, scorers)
+    row = out["prompts"][0]
+    assert isinstance(row["transcript"], str) and row["wer"] >= 0 and -1 <= row["speaker_similarity"] <= 1
+    assert out["intelligibility"]["scored"] and out["speaker_similarity"]["prompts"] == 1
+    pron = ev.pronunciation(loaded, cfg, g, codec, scorers)
+    assert pron["consistency"]["scored"] and pron["consistency"]["items"] == 20 == len(pron["items"])
+    assert all(r["context"] for r in pron["items"]) and "homograph" not in pron

@@ -190,7 +190,10 @@ def prompt_set(loaded, cfg: EvaluateConfig, g: GenerateConfig, codec, contexts: 
             row["wer"] = wer(text, row["transcript"])
         if not scorers.audio and not scorers.encoder_error and ctx and len(result["audio"]) >= 24000 // 2:
             reference = to16k(generate.decode_audio(codec, torch.from_numpy(ctx["codes"].T)))
-            row["speaker_similarity"] = scorers.similarity(to16k(result["audio"]), reference)
+            try:
+                row["speaker_similarity"] = scorers.similarity(to16k(result["audio"]), reference)
+            except Exception as e:  # noqa: BLE001 - e.g. no speech left after resemblyzer's trimming
+                row["speaker_similarity_error"] = f"{type(e).__name__}: {e}"
         rows.append(row)
     stopped = [r["stopped"] == "end-of-audio" for r in rows]
     out = {"prompts": rows, "length": {
@@ -203,7 +206,7 @@ def prompt_set(loaded, cfg: EvaluateConfig, g: GenerateConfig, codec, contexts: 
     sims = [r["speaker_similarity"] for r in rows if "speaker_similarity" in r]
     out["speaker_similarity"] = ({"scored": True, "cosine": float(np.mean(sims)), "prompts": len(sims)} if sims
                                  else skipped(scorers.encoder_error or ("no held-out context turn" if not contexts else
-                                                                        "no generated clip of at least 0.5 s")))
+                                                                        "no generated clip of at least 0.5 s with speech")))
     return out
 
 
