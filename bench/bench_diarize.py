@@ -139,7 +139,7 @@ def main_long(chunk_sizes: list[float]):
     cfg = stage.config
     data = long_recordings()
     print(f"whole-file DER / JER (collar 0.25 s), speakers found vs true; link threshold {cfg.link_threshold}, "
-          f"min_speaker_seconds {cfg.min_speaker_seconds}")
+          f"min_speaker_seconds {cfg.min_speaker_seconds}, min_speaker_share {cfg.min_speaker_share}")
     print(f"{'recording':20s} {'min':>5s} {'chunk s':>7s} {'chunks':>6s} {'linked DER/JER':>15s} {'spk':>7s} "
           f"{'unlinked DER':>12s} {'spk':>4s} {'cpu s/min':>9s}")
     rows = []
@@ -149,7 +149,7 @@ def main_long(chunk_sizes: list[float]):
             c = time.process_time()
             chunks = diarize_chunks(stage, wav, size, rid=name)
             cpu = (time.process_time() - c) / (len(wav) / 16000 / 60)
-            turns, speakers = linked_turns(chunks, cfg.link_threshold, cfg.min_speaker_seconds)
+            turns, speakers = linked_turns(chunks, cfg)
             der, jer, n = scores(ref, [(t.start, t.end, t.speaker) for t in turns])
             unlinked = [(t.start, t.end, f"{ch.index}:{t.speaker}") for ch in chunks for t in ch.turns]
             uder, _, un = scores(ref, unlinked)

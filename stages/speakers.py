@@ -145,15 +145,18 @@ def chunk_items(records: Iterable[ChunkRecord], min_seconds: float) -> list[Item
     return items
 
 
-def link_source(records: list[ChunkRecord], threshold: float, min_seconds: float) -> list[dict[str, Any]]:
+def link_source(records: list[ChunkRecord], threshold: float, min_seconds: float, min_share: float = 1.0) -> list[dict[str, Any]]:
     """Rows of speakers/<source_id>.parquet: one per source speaker, named S0, S1, ... in order of
-    first appearance (chunk, then local label). `distance` is a chunk label's cosine distance to
+    first appearance (chunk, then local label). A speaker has at least `min_seconds` of speech, or
+`min_share` of the source's when that is less. `distance` is a chunk label's cosine distance to
     its source speaker's centroid: how sure the link is (the diarizer's threshold is the limit)."""
     if not records:
         return []
     first = records[0]
-    items = chunk_items(records, min_seconds)
-    clusters, folded = fold_short(items, cluster(items, threshold), min_seconds)
+    items = chunk_items(records, 0.0)
+    bar = min(min_seconds, min_share * sum(it.seconds for it in items))  # a speaker's least speech
+    items = chunk_items(records, bar)
+    clusters, folded = fold_short(items, cluster(items, threshold), bar)
     rows = []
     for n, members in enumerate(clusters):
         own = [i for i in members if i not in folded]
@@ -172,9 +175,10 @@ def link_source(records: list[ChunkRecord], threshold: float, min_seconds: float
     return rows
 
 
-def write_source_speakers(out: OutputDir, records: list[ChunkRecord], threshold: float, min_seconds: float) -> None:
+def write_source_speakers(out: OutputDir, records: list[ChunkRecord], threshold: float, min_seconds: float,
+                          min_share: float = 1.0) -> None:
     """speakers/<source_id>.parquet for a source whose chunks are all committed."""
-    rows = link_source(records, threshold, min_seconds)
+    rows = link_source(records, threshold, min_seconds, min_share)
     out.write_bytes(speakers_file(records[0].source_id), table_bytes(rows, speakers_schema()))
 
 
@@ -236,8 +240,8 @@ class SourceLinker:
     once the last of them is in (pipeline/progress.py says when). `heal` writes the maps that a
     run killed between a source's last commit and its map did not."""
 
-    def __init__(self, out: OutputDir, threshold: float, min_seconds: float):
-        self.out, self.threshold, self.min_seconds = out, threshold, min_seconds
+    def __init__(self, out: OutputDir, threshold: float, min_seconds: float, min_share: float):
+        self.out, self.threshold, self.min_seconds, self.min_share = out, threshold, min_seconds, min_share
         self.pending: dict[str, list[ChunkRecord]] = {}
 
     @classmethod
@@ -245,12 +249,12 @@ class SourceLinker:
         """From a DiarizeConfig; None when linking is off."""
         if not config.link_chunks:
             return None
-        return cls(out, config.link_threshold, config.min_speaker_seconds)
+        return cls(out, config.link_threshold, config.min_speaker_seconds, config.min_speaker_share)
 
     def committed(self, record: ChunkRecord, source_done: bool) -> None:
         self.pending.setdefault(record.uri, []).append(record)
         if source_done:
-            write_source_speakers(self.out, self.pending.pop(record.uri), self.threshold, self.min_seconds)
+            self.write(self.pending.pop(record.uri))
 
     def heal(self, records: list[ChunkRecord], done: set[str]) -> int:
         have = set(self.out.list(SPEAKERS_DIR, ".parquet"))
@@ -259,5 +263,8 @@ class SourceLinker:
             if r.uri in done and f"{r.source_id}.parquet" not in have:
                 by_uri.setdefault(r.uri, []).append(r)
         for recs in by_uri.values():
-            write_source_speakers(self.out, recs, self.threshold, self.min_seconds)
+            self.write(recs)
         return len(by_uri)
+
+    def write(self, records: list[ChunkRecord]) -> None:
+        write_source_speakers(self.out, records, self.threshold, self.min_seconds, self.min_share)

@@ -38,9 +38,11 @@ def diarize_chunks(stage, mono: np.ndarray, chunk_seconds: float, rid: str = "sr
     return chunks
 
 
-def linked_turns(chunks: list[Chunk], threshold: float, min_seconds: float) -> tuple[list[Turn], list[dict]]:
-    """Every chunk's turns under its source speaker, and the speakers rows they come from."""
-    rows = link_source([ChunkRecord.of(c) for c in chunks], threshold, min_seconds)
+def linked_turns(chunks: list[Chunk], config) -> tuple[list[Turn], list[dict]]:
+    """Every chunk's turns under its source speaker (linked as a DiarizeConfig says), and the
+    speakers rows they come from."""
+    rows = link_source([ChunkRecord.of(c) for c in chunks], config.link_threshold, config.min_speaker_seconds,
+                       config.min_speaker_share)
     m = label_map(rows)
     turns = [Turn(t.start, t.end, m.get((c.recording.id, c.index, t.speaker), t.speaker)) for c in chunks for t in c.turns]
     return turns, rows

@@ -13,7 +13,7 @@ from diarize_chunks import diarize_chunks, linked_turns
 
 from stages.corpus_format import ChunkRecord, OutputDir, SpeakerLabels, read_speakers, speakers_file
 from stages.diarize import DiarizeConfig
-from stages.speakers import link_corpus, link_source, write_source_speakers
+from stages.speakers import SourceLinker, link_corpus, link_source, write_source_speakers
 from stages.utterances import assign_speaker
 from tests.test_diarize import offline_stage  # noqa: F401 (a fixture)
 from tests.test_reliability import FAST, cli, corpus_files, finish, reference  # noqa: F401 (a fixture)
@@ -78,6 +78,14 @@ def test_a_short_stray_cluster_is_folded_into_the_nearest_real_speaker():
     assert len(link_source(recs, THRESHOLD, 1.0)) == 4
 
 
+def test_a_short_source_keeps_two_short_speakers():
+    A, B, _ = _voices()
+    cfg = DiarizeConfig()
+    recs = [record(0, {"S0": {"seconds": 5, "embedding": list(A)}, "S1": {"seconds": 4, "embedding": list(B)}}, True)]
+    assert len(link_source(recs, cfg.link_threshold, cfg.min_speaker_seconds, cfg.min_speaker_share)) == 2
+    assert len(link_source(recs, cfg.link_threshold, cfg.min_speaker_seconds)) == 1  # by seconds alone: one
+
+
 def test_channels_link_by_channel_and_a_source_without_speech_has_an_empty_map(tmp_path):
     recs = [record(0, {"S0": {"seconds": 3, "channel": 1}, "S1": {"seconds": 3, "channel": 0}}),
             record(1, {"S0": {"seconds": 3, "channel": 0}, "S1": {"seconds": 3, "channel": 1}}, True)]
@@ -134,7 +142,7 @@ def test_the_same_voice_keeps_its_label_across_a_chunk_boundary(offline_stage):
     conv = conversation(script=SCRIPT * 2, gap=0.4, seed=11)  # ~50 s: four chunks of ~12 s
     chunks = diarize_chunks(offline_stage, conv.mono, 12.0)
     assert len(chunks) >= 3
-    turns, rows = linked_turns(chunks, THRESHOLD, DiarizeConfig().min_speaker_seconds)
+    turns, rows = linked_turns(chunks, DiarizeConfig())
     got, want = _line_speakers(conv, turns), [k for _, _, k in conv.turns]
     mapping = dict(zip(want, got))
     assert len(rows) == 2 and sorted(mapping.values()) == ["S0", "S1"]
@@ -156,8 +164,8 @@ def test_link_speakers_joins_a_voice_across_files_and_keeps_voices_apart(offline
     truth = {}
     for sid, conv in files.items():
         chunks = diarize_chunks(offline_stage, conv.mono, 60.0, rid=sid)
-        write_source_speakers(out, [ChunkRecord.of(c) for c in chunks], THRESHOLD, 5.0)
-        turns, _ = linked_turns(chunks, THRESHOLD, 5.0)
+        SourceLinker.of(out, DiarizeConfig()).write([ChunkRecord.of(c) for c in chunks])
+        turns, _ = linked_turns(chunks, DiarizeConfig())
         for (_, _, k), label in zip(conv.turns, _line_speakers(conv, turns)):
             truth[(sid, label)] = (VOICE_A, VOICE_B)[k]
     (tmp_path / "config.json").write_text(json.dumps({"config": {"diarize": {"link_threshold": THRESHOLD}}}))
