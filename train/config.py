@@ -72,6 +72,16 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_every: int = 1000  # generate sample_prompts into RUN/samples/ (0: never); WER when an ASR model loads
     sample_prompts: tuple[str, ...] = ("[0]Hello, how are you doing today?", "[1]I am fine, thanks. What about you?")
+    # Fine-tuning: parameter-name prefixes left untrained (e.g. [backbone, text_embeddings]), and lr multipliers
+    # by prefix, the longest matching prefix winning (e.g. {decoder: 1.0, backbone: 0.1}); a prefix must match.
+    freeze: tuple[str, ...] = ()
+    lr_scale: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for prefix, scale in self.lr_scale.items():
+            ok = isinstance(scale, (int, float, str)) and not isinstance(scale, bool)
+            require(ok and float(scale) > 0, "lr_scale", f"{prefix}: must be a number > 0 (freeze it instead), got {scale!r}")
+        object.__setattr__(self, "lr_scale", {k: float(v) for k, v in self.lr_scale.items()})
 
 
 @dataclass(frozen=True)

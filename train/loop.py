@@ -44,18 +44,47 @@ def build_model(cfg: Config, tokenizer=None) -> CSM:
         log.warning("model: weights from %s (backbone %s, decoder %s)", mc.init_from, mc.backbone, mc.decoder)
     else:
         log.warning("model: RANDOMLY INITIALISED %s (seed %d), no model.init_from", mc.flavour, cfg.train.seed)
+    freeze(model, cfg.train.freeze)
     return model
 
 
+def _prefix_of(name: str, prefixes) -> str | None:
+    """The longest of `prefixes` that `name` is under (whole dotted components)."""
+    hits = [p for p in prefixes if name == p or name.startswith(p + ".")]
+    return max(hits, key=len) if hits else None
+
+
+def _check_prefixes(model, prefixes, key: str) -> None:
+    names = [n for n, _ in model.named_parameters()]
+    for p in prefixes:
+        if not any(_prefix_of(n, [p]) for n in names):
+            top = sorted({n.split(".")[0] for n in names})
+            raise ValueError(f"train.{key}: '{p}' matches no parameter (top level: {', '.join(top)})")
+
+
+def freeze(model, prefixes) -> None:
+    """train.freeze: parameters under these prefixes get no gradient (before DDP/FSDP wrapping)."""
+    _check_prefixes(model, prefixes, "freeze")
+    for name, p in model.named_parameters():
+        if _prefix_of(name, prefixes):
+            p.requires_grad_(False)
+    if prefixes:
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.warning("model: %s frozen; %.1fM parameters trained", ", ".join(prefixes), n / 1e6)
+
+
 def build_optimizer(model, t: TrainConfig):
-    # nanoGPT rule: decay matrices and embeddings, not norms.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    # nanoGPT rule: decay matrices and embeddings, not norms; per train.lr_scale prefix its own lr.
+    named = [(n, p) for n, p in parallel.unwrap(model).named_parameters() if p.requires_grad]
+    _check_prefixes(parallel.unwrap(model), t.lr_scale, "lr_scale")
+    groups: dict[tuple, list] = {}
+    for name, p in named:
+        scale = t.lr_scale.get(_prefix_of(name, t.lr_scale), 1.0)
+        groups.setdefault((scale, t.weight_decay if p.ndim >= 2 else 0.0), []).append(p)
+    param_groups = [{"params": ps, "lr": t.lr * scale, "lr_scale": scale, "weight_decay": wd}
+                    for (scale, wd), ps in groups.items()]
     fused = torch.cuda.is_available()
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), fused=fused)
+    optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=tuple(t.betas), fused=fused)
 
     def schedule(step: int) -> float:  # linear warmup, then cosine down to min_lr_ratio
         if step < t.warmup_steps:
@@ -101,7 +130,7 @@ def train_step(model, optimizer, scheduler, micro_batches, cfg: Config, step: in
             (d.world * (t.c0_weight * c0 / c0_total + t.decoder_weight * dec / dec_total)).backward()
         c0_sum, dec_sum = c0_sum + c0.detach(), dec_sum + dec.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-    lr = scheduler.get_last_lr()[0]
+    lr = scheduler.get_last_lr()[0] / optimizer.param_groups[0].get("lr_scale", 1.0)  # train.lr, scheduled
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
