@@ -91,3 +91,24 @@ def test_a_prefix_that_matches_nothing_is_an_error(corpus, key, value):
 def test_lr_scale_must_be_positive(corpus):
     with pytest.raises(ValueError, match="lr_scale"):
         _cfg(corpus, **{"train.lr_scale": "{decoder: 0}"})
+
+
+def test_model_flops_equal_the_flop_counter_and_mfu_is_logged(corpus, tmp_path):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from train import flops
+
+    cfg = _cfg(corpus)
+    model = _model(cfg)
+    b = loss.prepare(_batch(corpus / "data", cfg, n=3), 0.25, 0, 0, N)
+    with FlopCounterMode(display=False) as counter:
+        c0, dec = loss.loss_sums(model, b, N)
+        (c0 + dec).backward()
+    expected = flops.batch_flops(model.cfg, *b["tokens"].shape[:2], b["c0_count"], b["dec_count"] // (N - 1))
+    assert counter.get_total_flops() == pytest.approx(expected, rel=0.01)
+    history = loop.run(_cfg(corpus, **{"train.peak_tflops": 2.0, "train.eval_every": 0, "train.sample_every": 0,
+                                       "data.num_workers": 0}), str(corpus / "data"), str(tmp_path / "run"), max_steps=1)
+    m = history[0]
+    assert m["tflops_per_s"] == pytest.approx(m["model_flops"] / m["step_time"] / 1e12)
+    assert m["mfu"] == pytest.approx(m["tflops_per_s"] / 2.0) and "peak_mem_gb" in m and "tokens_per_s" in m
+    assert flops.peak_tflops(None, torch.device("cpu"), "bf16") is None  # no made-up peak on a CPU

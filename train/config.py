@@ -64,6 +64,7 @@ class TrainConfig:
     seed: int = 1234
     dtype: str = "bf16"  # autocast dtype on GPU; CPU always runs fp32
     compile: bool = False
+    peak_tflops: float | None = None  # per device, for MFU; None: a known GPU's dense bf16 figure (train/flops.py)
     activation_checkpointing: bool = False
     log_every: int = 1
     eval_every: int = 200

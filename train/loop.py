@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from train import checkpoint, data, hf, listen, loss, parallel
+from train import checkpoint, data, flops, hf, listen, loss, parallel
 from train.config import Config, ModelConfig, TrainConfig
 from train.model import CSM
 
@@ -118,8 +118,10 @@ def train_step(model, optimizer, scheduler, micro_batches, cfg: Config, step: in
     t, N = cfg.train, cfg.model.num_codebooks
     prepared = [loss.prepare(b, t.decoder_fraction, t.seed, step, N) for b in micro_batches]
     rows = sum(int(b["mask"].any(-1).sum()) for b in prepared)
-    c0_total, dec_total, rows = parallel.all_reduce_sum(
-        [sum(b["c0_count"] for b in prepared), sum(b["dec_count"] for b in prepared), rows], d.device
+    model_flops = sum(flops.batch_flops(cfg.model, *b["tokens"].shape[:2], b["c0_count"], b["dec_count"] // (N - 1))
+                      for b in prepared)
+    c0_total, dec_total, rows, model_flops = parallel.all_reduce_sum(
+        [sum(b["c0_count"] for b in prepared), sum(b["dec_count"] for b in prepared), rows, model_flops], d.device
     )
     c0_total, dec_total = max(1, c0_total), max(1, dec_total)  # a batch without audio: zero loss, not NaN
     c0_sum = dec_sum = torch.zeros((), device=d.device)  # accumulated on device: no sync per micro-batch
@@ -145,6 +147,7 @@ def train_step(model, optimizer, scheduler, micro_batches, cfg: Config, step: in
         "frames": int(c0_total),
         "decoder_frames": int(dec_total) // (N - 1),
         "tokens": int(rows),
+        "model_flops": model_flops,  # all ranks (train/flops.py)
     }
 
 
@@ -248,6 +251,9 @@ def run(cfg: Config, shards_dir: str, run_dir: str, max_steps: int | None = None
     metrics, history = Metrics(run_dir, d), []
     listener = listen.Listener(cfg, run_dir, tokenizer) if d.is_main and cfg.train.sample_every > 0 else None
     last = max_steps if max_steps is not None else cfg.train.steps  # --max-steps stops early, same schedule
+    peak = flops.peak_tflops(cfg.train.peak_tflops, d.device, cfg.train.dtype)
+    if d.is_main and peak is None:
+        log.info("no MFU in the metrics: peak TFLOP/s of %s unknown (set train.peak_tflops)", d.device)
     model.train()
     while step < last:
         t0 = time.perf_counter()
@@ -256,7 +262,9 @@ def run(cfg: Config, shards_dir: str, run_dir: str, max_steps: int | None = None
         step += 1
         dt = time.perf_counter() - t0
         m.update(step=step, step_time=dt, frames_per_s=m["frames"] / dt, tokens_per_s=m["tokens"] / dt,
-                 peak_mem_gb=peak_memory_gb(d.device))
+                 peak_mem_gb=peak_memory_gb(d.device), tflops_per_s=m["model_flops"] / dt / 1e12)
+        if peak:
+            m["mfu"] = m["tflops_per_s"] / (peak * d.world)
         if held_out and step % cfg.train.eval_every == 0:
             m.update(evaluate(model, held_out, cfg, d))
         if cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0:
