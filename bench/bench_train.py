@@ -18,7 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def synthetic_batch(batch: int, seq_len: int, N: int, text_vocab: int, seed: int):
@@ -42,25 +41,11 @@ def synthetic_batch(batch: int, seq_len: int, N: int, text_vocab: int, seed: int
     return {"tokens": tokens, "mask": mask, "keys": [f"s{seed}-{b}" for b in range(batch)]}
 
 
-def step_flops(model, rows: int, frames: int, dec_frames: int, seq_len: int, batch: int) -> float:
-    """6 * params * tokens for both stacks (embeddings excluded), plus causal attention scores."""
-    def matmul_params(stack):
-        return sum(p.numel() for n, p in stack.named_parameters() if p.ndim == 2)
-
-    b, d = model.backbone.args, model.decoder.args
-    N = model.N
-    backbone = 6 * matmul_params(model.backbone) * rows + 6 * model.codebook0_head.weight.numel() * frames
-    backbone += 6 * b.n_layers * b.dim * seq_len * seq_len * batch  # causal QK^T and AV, fwd+bwd
-    decoder = 6 * (matmul_params(model.decoder) + model.projection.weight.numel()) * dec_frames * N
-    decoder += 6 * (N - 1) * d.dim * model.V * dec_frames + 6 * d.n_layers * d.dim * N * N * dec_frames
-    return float(backbone + decoder)
-
-
 def run_one(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads) if args.device == "cpu" else None
-    from train import loop, parallel
+    from train import flops, loop, parallel
     from train.config import load_config
 
     cfg = load_config(None, {
@@ -80,21 +65,19 @@ def run_one(args) -> dict:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync()
-    t0, frames, dec_frames, rows = time.perf_counter(), 0, 0, 0
+    t0, frames, rows, model_flops = time.perf_counter(), 0, 0, 0.0
     for s in range(2, args.steps + 2):
         m = loop.train_step(model, optimizer, scheduler, [batches[s]], cfg, s, d)
-        frames, dec_frames, rows = frames + m["frames"], dec_frames + m["decoder_frames"], rows + m["tokens"]
+        frames, rows, model_flops = frames + m["frames"], rows + m["tokens"], model_flops + m["model_flops"]
     sync()
     dt = time.perf_counter() - t0
     out = {"flavour": args.flavour, "device": args.device, "fraction": args.fraction, "seq_len": args.seq_len,
            "batch": args.batch, "steps": args.steps, "step_s": dt / args.steps, "frames_per_s": frames / dt,
            "tokens_per_s": rows / dt, "peak_mem_gb": loop.peak_memory_gb(d.device),
            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
-    if args.device == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-        flops = step_flops(model, rows / args.steps, frames / args.steps, dec_frames / args.steps, args.seq_len, args.batch)
-        out.update(gpu=name, tflops=flops / (dt / args.steps) / 1e12)
+    if args.device == "cuda":  # model FLOPs and peak as the trainer counts them (train/flops.py)
+        out.update(gpu=torch.cuda.get_device_name(), tflops=model_flops / dt / 1e12)
+        peak = flops.peak_tflops(cfg.train.peak_tflops, d.device, cfg.train.dtype)
         if peak:
             out["mfu"] = out["tflops"] / peak
     return out
