@@ -97,3 +97,49 @@ def test_torchrun_cli_end_to_end(corpus, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in records) and "eval_loss" in records[-1]
     assert (tmp_path / "run" / "checkpoints" / "step-0000003" / "rng-1.pt").exists()
+
+
+def test_sharded_checkpoint_from_two_processes_resumes_on_one(corpus, tmp_path):
+    """FSDP on 2 processes saves sharded (torch.distributed.checkpoint) and full checkpoints of the same
+    training; one process loads either into the same weights and optimizer state, and resumes both to the
+    same losses; generate/export/evaluate read the sharded one too."""
+    import shutil
+
+    import torch
+
+    from train import checkpoint, loop
+    from train.config import load_config, parse_sets
+
+    sets = [f"data.tokenizer={corpus / 'tok'}", "data.allow_unreleased_codec=true", "train.eval_every=0",
+            "train.sample_every=0", "data.num_workers=0", "train.warmup_steps=1"]
+    runs = {}
+    for fmt in ("full", "sharded"):
+        runs[fmt] = tmp_path / fmt
+        extra = ["parallel.mode=fsdp", f"train.checkpoint_format={fmt}"]
+        _torchrun("-m", "train", str(corpus / "data"), "--config", "configs/train/tiny.yaml", "--output", str(runs[fmt]),
+                  "--max-steps", "2", *[a for s in sets + extra for a in ("--set", s)])
+    step2 = runs["sharded"] / "checkpoints" / "step-0000002"
+    assert (step2 / "dcp").is_dir() and not (step2 / "state.pt").exists()
+    cfg = load_config("configs/train/tiny.yaml", parse_sets(sets))
+    states = {}
+    for fmt, run in runs.items():
+        tok = loop.data.load_tokenizer(cfg.data.tokenizer)
+        model = loop.build_model(cfg, tok)
+        opt, sch = loop.build_optimizer(model, cfg.train)
+        meta = checkpoint.load(checkpoint.latest(run), loop.parallel.Dist(), model, opt, sch)
+        assert meta["step"] == 2 and meta["world"] == 2 and sch.last_epoch == 2
+        states[fmt] = (model.state_dict(), [s["exp_avg"] for s in opt.state.values()])
+    for k, v in states["full"][0].items():
+        assert torch.equal(v, states["sharded"][0][k]), k
+    assert len(states["full"][1]) == len(states["sharded"][1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(states["full"][1], states["sharded"][1]))
+    whole, _, _ = checkpoint.load_run_model(runs["sharded"])  # generate, export, evaluate
+    assert all(torch.equal(v, states["full"][0][k]) for k, v in whole.state_dict().items())
+    resumed = {}
+    for fmt, run in runs.items():
+        copy = tmp_path / f"{fmt}-resumed"
+        shutil.copytree(run, copy)
+        one = load_config("configs/train/tiny.yaml", parse_sets(sets + [f"train.checkpoint_format={fmt}"]))
+        resumed[fmt] = loop.run(one, str(corpus / "data"), str(copy), max_steps=4, resume=True)
+    assert [m["step"] for m in resumed["sharded"]] == [3, 4]
+    assert [m["loss"] for m in resumed["sharded"]] == [m["loss"] for m in resumed["full"]]

@@ -3,7 +3,10 @@
 Layout: RUN_DIR/checkpoints/step-0000100/{state.pt, rng-<rank>.pt, meta.json} and
 RUN_DIR/checkpoints/latest (name of the newest complete one). state.pt holds full (unsharded)
 state dicts, written by rank 0, so a run can resume with another parallel mode or world size.
-Everything is loaded with weights_only=True: no arbitrary unpickling.
+With train.checkpoint_format=sharded, model and optimizer go instead to dcp/ through
+torch.distributed.checkpoint (each rank writes its own shards, nothing is gathered; DCP reshards on
+load, so any world size resumes it) and the scheduler to scheduler.pt. Everything is loaded with
+weights_only=True: no arbitrary unpickling.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from train.parallel import Dist
@@ -43,19 +47,27 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(run_dir: Path, d: Dist, model, optimizer, scheduler, step: int, data_state: dict, config: dict, keep: int):
+def save(run_dir: Path, d: Dist, model, optimizer, scheduler, step: int, data_state: dict, config: dict, keep: int,
+         sharded: bool = False):
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
-    # Collective on every rank (FSDP gathers shards); only rank 0 writes the full state.
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict()}, tmp / "state.pt")
         meta = {"step": step, "data": data_state, "world": d.world, "config": config}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    _barrier()
+    if sharded:  # collective: every rank writes its own shards
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        if d.is_main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    else:  # collective (FSDP gathers shards); only rank 0 writes the full state
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+        if d.is_main:
+            torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict()}, tmp / "state.pt")
     _barrier()
     torch.save(_rng_state(), tmp / f"rng-{d.rank}.pt")
     _barrier()
@@ -77,15 +89,17 @@ def latest(run_dir: Path) -> Path | None:
 def load(path: Path, d: Dist, model, optimizer, scheduler) -> dict:
     """Restores everything in place; returns meta (step, data position). RNG states are restored
     per rank when the world size matches (otherwise each rank keeps its fresh seed)."""
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
-        options=StateDictOptions(full_state_dict=True),
-    )
-    scheduler.load_state_dict(state["scheduler"])
+    if (path / "dcp").is_dir():  # sharded: read into this run's own layout, whatever the saving world size
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    else:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(state["scheduler"])
     meta = json.loads((path / "meta.json").read_text())
     rng = path / f"rng-{d.rank}.pt"
     if meta["world"] == d.world and rng.exists():
@@ -102,7 +116,7 @@ def find(run_dir: Path, step: int | None = None) -> Path:
     """The checkpoint of `step`, or the latest one."""
     root = Path(run_dir) / "checkpoints"
     path = root / f"step-{step:07d}" if step is not None else latest(run_dir)
-    if path is None or not (path / "state.pt").exists():
+    if path is None or not ((path / "state.pt").exists() or (path / "dcp").is_dir()):
         have = sorted(p.name for p in root.glob("step-*")) if root.exists() else []
         raise FileNotFoundError(f"no checkpoint {'step ' + str(step) if step is not None else ''} under {root} "
                                 f"(have: {', '.join(have) or 'none'})")
@@ -117,5 +131,10 @@ def load_run_model(run_dir: Path, step: int | None = None):
     path = find(run_dir, step)
     cfg = load_config(None, json.loads((path / "meta.json").read_text())["config"])
     model = CSM(cfg.model)
-    model.load_state_dict(torch.load(path / "state.pt", map_location="cpu", weights_only=True)["model"])
+    if (path / "dcp").is_dir():  # the model's part of a sharded checkpoint, in one process
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        model.load_state_dict(state["model"])
+    else:
+        model.load_state_dict(torch.load(path / "state.pt", map_location="cpu", weights_only=True)["model"])
     return model.eval(), cfg, path

@@ -71,6 +71,7 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    checkpoint_format: str = "full"  # full: state.pt gathered on rank 0; sharded: torch.distributed.checkpoint
     sample_every: int = 1000  # generate sample_prompts into RUN/samples/ (0: never); WER when an ASR model loads
     sample_prompts: tuple[str, ...] = ("[0]Hello, how are you doing today?", "[1]I am fine, thanks. What about you?")
     # Fine-tuning: parameter-name prefixes left untrained (e.g. [backbone, text_embeddings]), and lr multipliers
@@ -79,6 +80,8 @@ class TrainConfig:
     lr_scale: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        require(self.checkpoint_format in ("full", "sharded"), "checkpoint_format",
+                f"must be full or sharded, got {self.checkpoint_format!r}")
         for prefix, scale in self.lr_scale.items():
             ok = isinstance(scale, (int, float, str)) and not isinstance(scale, bool)
             require(ok and float(scale) > 0, "lr_scale", f"{prefix}: must be a number > 0 (freeze it instead), got {scale!r}")

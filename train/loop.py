@@ -280,6 +280,6 @@ def run(cfg: Config, shards_dir: str, run_dir: str, max_steps: int | None = None
         if (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0) or step == last:
             checkpoint.save(run_dir, d, model, optimizer, scheduler, step,
                             {"consumed": batches.consumed, "seed": cfg.train.seed}, cfg.to_dict(),
-                            cfg.train.keep_checkpoints)
+                            cfg.train.keep_checkpoints, sharded=cfg.train.checkpoint_format == "sharded")
     metrics.close()
     return history
