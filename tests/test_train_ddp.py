@@ -27,7 +27,7 @@ cfg = load_config("configs/train/tiny.yaml", parse_sets([
     "train.decoder_fraction=0.25", "train.steps=3", f"parallel.mode={mode}"]))
 d = parallel.init_distributed()
 tok = data.load_tokenizer(cfg.data.tokenizer)
-model = parallel.parallelize(loop.build_model(cfg, tok), cfg, d)
+model = loop.build_parallel_model(cfg, tok, d)  # FSDP: built on the meta device, rank 0's weights broadcast
 wrapped = {"ddp": hasattr(model, "no_sync"), "fsdp": hasattr(model, "set_requires_gradient_sync")}
 assert wrapped.get(mode, False) == (d.world > 1), (mode, type(model))
 opt, sch = loop.build_optimizer(model, cfg.train)

@@ -48,6 +48,26 @@ def build_model(cfg: Config, tokenizer=None) -> CSM:
     return model
 
 
+def build_parallel_model(cfg: Config, tokenizer, d: parallel.Dist):
+    """The model on d.device, wrapped for cfg.parallel. Under FSDP only rank 0 builds the full model (host
+    memory for one copy, not one per rank); every rank builds it on the meta device, shards it, allocates
+    only its shards, and rank 0's weights (random or init_from) are broadcast into them."""
+    if parallel.mode_of(cfg, d) != "fsdp":
+        return parallel.parallelize(build_model(cfg, tokenizer).to(d.device), cfg, d)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = build_model(cfg, tokenizer) if d.is_main else None
+    with torch.device("meta"):
+        model = CSM(model_config(cfg.model, tokenizer))
+    freeze(model, cfg.train.freeze)  # before wrapping
+    model = parallel.parallelize(model, cfg, d)
+    model.to_empty(device=d.device)
+    model.init_buffers(d.device)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
 def _prefix_of(name: str, prefixes) -> str | None:
     """The longest of `prefixes` that `name` is under (whole dotted components)."""
     hits = [p for p in prefixes if name == p or name.startswith(p + ".")]
@@ -227,8 +247,7 @@ def run(cfg: Config, shards_dir: str, run_dir: str, max_steps: int | None = None
     data.preflight(train_urls + eval_urls, cfg.data.allow_unreleased_codec, cfg.model.num_codebooks,
                    cfg.model.audio_vocab_size)
 
-    model = build_model(cfg, tokenizer).to(d.device)
-    model = parallel.parallelize(model, cfg, d)
+    model = build_parallel_model(cfg, tokenizer, d)
     optimizer, scheduler = build_optimizer(model, cfg.train)
     step, consumed = 0, 0
     if resume:

@@ -178,10 +178,17 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(a, cfg.norm_eps) for _ in range(a.n_layers))
         self.norm = RMSNorm(a.dim, cfg.norm_eps)
         self.activation_checkpointing = False
-        freqs = torch.outer(torch.arange(max_seq_len).float(), rope_frequencies(a.dim // a.n_heads, cfg.rope_theta, cfg.rope_scaling))
+        self.max_seq_len, self.rope = max_seq_len, (cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        self.init_buffers()
+
+    def init_buffers(self, device=None) -> None:
+        """RoPE tables: not in the state dict, so recomputed after a meta-device build (to_empty)."""
+        inv = rope_frequencies(self.args.dim // self.args.n_heads, *self.rope).to(device)
+        freqs = torch.outer(torch.arange(self.max_seq_len, device=device).float(), inv)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("rope_cos", emb.cos(), persistent=False)
-        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         start = cache.pos if cache is not None else 0
@@ -212,8 +219,15 @@ class CSM(nn.Module):
         self.projection = nn.Linear(b.dim, d.dim, bias=False)
         self.decoder = Transformer(d, self.N, cfg)
         self.audio_head = nn.Parameter(torch.empty(self.N - 1, d.dim, self.V))
-        self.register_buffer("audio_offsets", torch.arange(self.N) * self.V, persistent=False)
+        self.register_buffer("audio_offsets", None, persistent=False)
+        self.init_buffers()
         self.reset_parameters()
+
+    def init_buffers(self, device=None) -> None:
+        """Non-persistent buffers (RoPE tables, codebook offsets), e.g. after to_empty()."""
+        self.backbone.init_buffers(device)
+        self.decoder.init_buffers(device)
+        self.audio_offsets = torch.arange(self.N, device=device) * self.V
 
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
