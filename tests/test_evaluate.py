@@ -175,3 +175,17 @@ def test_audio_metrics_plumbing_with_real_asr_and_speaker_encoder(run_dir, tmp_p
     pron = ev.pronunciation(loaded, cfg, g, codec, scorers)
     assert pron["consistency"]["scored"] and pron["consistency"]["items"] == 20 == len(pron["items"])
     assert all(r["context"] for r in pron["items"]) and "homograph" not in pron
+
+
+def test_held_out_split_packed_val_and_unknown_training_data(tmp_path):
+    from train import evaluate as ev
+    from train.config import Config, DataConfig
+
+    for split, names in (("train", ["a.tar", "b.tar"]), ("val", ["c.tar"])):
+        (tmp_path / split).mkdir()
+        for n in names:
+            (tmp_path / split / n).write_bytes(b"")
+    run_cfg = Config(data=DataConfig(eval_fraction=0.0))  # the run held nothing out of train/: val/ still is
+    urls, how = ev.held_out_shards(str(tmp_path), run_cfg, True)
+    assert urls == [str(tmp_path / "val" / "c.tar")] and "val/" in how and "unknown" not in how
+    assert "unknown" in ev.held_out_shards(str(tmp_path), run_cfg, False)[1]
