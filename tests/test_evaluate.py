@@ -43,6 +43,7 @@ def test_items_cover_the_seed_words_and_espeak_tells_variants_apart():
     assert len(items) == 5 * 2 + 10 * 2
     for item in items:
         assert pronounce.respell(item.text, item.word, "XYZ") != item.text, item  # the word is in the sentence
+        assert item.context is None or pronounce.respell(item.context, item.word, "XYZ") != item.context, item
         refs = {pronounce.normalize(pronounce.espeak(pronounce.respell(item.text, item.word, v))) for v in item.variants}
         assert len(refs) == len(item.variants), (item.word, refs)  # each reading has its own phonemes
 
