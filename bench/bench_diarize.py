@@ -10,6 +10,12 @@ plus the channel-attribution path on a two-channel call, with seconds per minute
 chunks' speakers linked into one labelling per source, tests/diarize_chunks.py) and scored as whole
 files: DER and JER with one label mapping per file, and the speaker-count error, with chunk labels
 left unlinked for comparison (every chunk's speakers counted as new ones).
+Measured (2 cores, default config, --chunk-seconds 30,90; 12 rows): exact speaker count on 10 of
+12; two-voice whole-file DER 0.003-0.043 (mean 0.018), against 0.48-0.89 unlinked; pyannote's
+sample x8 0.033 / 0.014 (30 / 90 s chunks), its 8 kHz mu-law copy 0.037 / 0.017, with 60 s of
+leading silence 0.043 / 0.015. The three-voice conversation finds 2 speakers (DER 0.39 at both
+sizes): VOICE_A and VOICE_C are as close for the resemblyzer encoder as two lines of one voice, so
+the diarizer joins them inside a chunk already; linking cannot part them.
 """
 
 from __future__ import annotations
