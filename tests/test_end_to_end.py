@@ -142,8 +142,9 @@ def test_operator_plan_fuses_on_cpu_and_sizes_pools_to_the_cluster():
     assert fused.min_actors == fused.max_actors == 16
     # A fused worker holds every model at once; memory caps the workers a big CPU node gets.
     ((_, fused),) = plan({"CPU": 65.0, "memory": 40 * 2**30}, "tokenize.memory_gb=2.5").items()
-    assert worker_memory(fused.res) == int((WORKER_BASE_GB + 0.1 + 0.6 + 0.5 + 2.5) * 2**30)
-    assert fused.max_actors == int(40 // (WORKER_BASE_GB + 3.7))
+    # vad 0.1 + diarize 0.6 + asr 0.5 + DNSMOS (filter_windows) 0.1 + tokenize 2.5
+    assert worker_memory(fused.res) == int((WORKER_BASE_GB + 0.1 + 0.6 + 0.5 + 0.1 + 2.5) * 2**30)
+    assert fused.max_actors == int(40 // (WORKER_BASE_GB + 3.8))
     ((_, fused),) = plan({"CPU": 96.0, "GPU": 2.0}, "run.fuse_stages=true", "asr.gpus=0.5").items()
     assert fused.max_actors == 4  # fused on GPUs: as many workers as the GPUs hold
 
