@@ -8,6 +8,7 @@ megabyte of codes): a million hours would be six million tiny tars. Packing make
     PACKED/<split>/manifest.parquet     the corpus manifest rows of the packed samples, `shard` renamed
     PACKED/<split>/index.parquet        shard, samples, bytes: readable without opening a tar
     PACKED/duplicates.parquet           samples whose codes equal an earlier sample's (packed once)
+    PACKED/speakers/, speaker_map.parquet  the corpus's speaker maps, copied (the trainer applies them)
     PACKED/pack.json                    what was packed and how, written last
 
 Samples keep their keys and member bytes. Everything is a function of the corpus and the seed
@@ -28,7 +29,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.corpus_format import CODES, OutputDir, manifest_schema, parquet_bytes
+from stages.corpus_format import CODES, CORPUS_MAP, SPEAKERS_DIR, OutputDir, manifest_schema, parquet_bytes
 
 SPLITS = ("train", "val")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -187,6 +188,9 @@ def pack(corpus: str, output: str, shard_size: int, val_fraction: float, seed: i
         dst.write_bytes(f"{split}/manifest.parquet", parquet_bytes(manifest, mschema) if manifest else _empty(mschema))
         summary["splits"][split] = {"shards": len(index), "samples": len(manifest), "bytes": sum(r["bytes"] for r in index),
                                     "sources": len({p.source_id for p in part})}
+    dst.fs.create_dir(dst.path(SPEAKERS_DIR), recursive=True)
+    for rel in [f"{SPEAKERS_DIR}/{n}" for n in src.list(SPEAKERS_DIR, ".parquet")] + [CORPUS_MAP] * src.exists(CORPUS_MAP):
+        dst.write_bytes(rel, src.read_bytes(rel))
     dschema = pa.schema([(k, pa.string()) for k in ("key", "source_id", "duplicate_of", "duplicate_of_source")])
     dst.write_bytes("duplicates.parquet", parquet_bytes(duplicates, dschema) if duplicates else _empty(dschema))
     dst.write_bytes("pack.json", json.dumps(summary, indent=1, sort_keys=True).encode())

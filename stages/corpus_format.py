@@ -376,14 +376,15 @@ def label_map(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, int, str], str]
 
 class SpeakerLabels:
     """One labelling per source for samples, read lazily from the `speakers/` of the corpus a shard
-    is in (`DIR/shards/x.tar` -> `DIR/speakers/<source_id>.parquet`). A source without a map (made
-    before linking, or not complete yet) keeps its chunk labels. Picklable: the cache starts empty."""
+    is in (`DIR/shards/x.tar`, or a packed `DIR/train/x.tar` -> `DIR/speakers/<source_id>.parquet`).
+    A source without a map (made before linking, or not complete yet) keeps its chunk labels.
+    Picklable: the cache starts empty."""
 
     def __init__(self):
         self.cache: dict[tuple[str, str], dict[tuple[int, str], str]] = {}
 
     def apply(self, sample: Sample, shard_url: str | None) -> Sample:
-        if not shard_url or "/shards/" not in shard_url:  # a packed corpus or a stream: nothing to map
+        if not shard_url or shard_url.count("/") < 2:  # a stream: nothing to map
             return sample
         root, sid = shard_url.rsplit("/", 2)[0], sample.source.id
         if (root, sid) not in self.cache:

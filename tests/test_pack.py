@@ -70,6 +70,7 @@ def test_pack_splits_by_source_sizes_shards_and_drops_re_uploads(tmp_path):
     import webdataset as wds
 
     codes = make_corpus(tmp_path / "corpus")
+    (tmp_path / "corpus" / "speakers" / "talk0-0000000000.parquet").write_bytes(b"a speaker map")
     summary = pack(str(tmp_path / "corpus"), str(tmp_path / "packed"), shard_size=40_000, val_fraction=0.2, seed=1)
     packed = tmp_path / "packed"
     dups = pd.read_parquet(packed / "duplicates.parquet")
@@ -96,6 +97,7 @@ def test_pack_splits_by_source_sizes_shards_and_drops_re_uploads(tmp_path):
         assert keys != sorted(keys)  # shuffled, not in corpus order
     assert not seen["train"] & seen["val"] and seen["val"]  # no source in both, and val is not empty
     assert summary["splits"]["train"]["samples"] + summary["splits"]["val"]["samples"] == len(codes) - 10
+    assert (packed / "speakers" / "talk0-0000000000.parquet").read_bytes() == b"a speaker map"  # the trainer applies it
 
 
 def test_packing_twice_or_after_an_interruption_gives_the_same_bytes(tmp_path):

@@ -127,6 +127,9 @@ def test_trainer_labels_go_through_the_source_map(tmp_path):
     sample = Sample("src-c0001-w0000", SourceInfo("dir/src.wav", "src", 30.0, 16000, 1), 1, 10.0, 11.0, "en", utt, {}, {}, {})
     mapped = SpeakerLabels().apply(sample, f"{tmp_path}/shards/shard-src-c0001.tar")
     assert mapped.utterances[0].speaker == "S1"
+    # a packed corpus (pipeline pack copies speakers/ next to train/ and val/) maps the same way
+    utt[0].speaker = "S0"
+    assert SpeakerLabels().apply(sample, f"{tmp_path}/train/shard-000000.tar").utterances[0].speaker == "S1"
 
 
 # --- real voices through the diarizer --------------------------------------------------------
