@@ -206,16 +206,16 @@ class DiarizeStage(Stage):
         return Resources(cpus=c.cpus, gpus=c.gpus, actors=c.actors, memory_gb=c.memory_gb, uses_model=True)
 
     def preflight(self) -> None:
-        from stages.hub import hub_available
+        from huggingface_hub import try_to_load_from_cache
+
+        from stages.hub import hub_reachable
 
         c = self.config
-        if c.pipeline and not os.path.exists(c.pipeline) and not hub_available(c.pipeline, "config.yaml"):
-            raise ConfigError(f"diarize.pipeline: {c.pipeline!r} is not cached and the hub is unreachable: give a local "
-                              "directory holding the pipeline's config.yaml, or null for the offline diarizer")
-        if c.pipeline and not os.path.exists(c.pipeline) and not hub_token():
-            from huggingface_hub import try_to_load_from_cache
-
-            if not isinstance(try_to_load_from_cache(c.pipeline, "config.yaml"), str):
+        if c.pipeline and not os.path.exists(c.pipeline) and not isinstance(try_to_load_from_cache(c.pipeline, "config.yaml"), str):
+            if not hub_reachable():
+                raise ConfigError(f"diarize.pipeline: {c.pipeline!r} is not cached and the hub is unreachable: give a local "
+                                  "directory holding the pipeline's config.yaml, or null for the offline diarizer")
+            if not hub_token():
                 raise ConfigError(f"diarize.pipeline: {c.pipeline!r} is gated on the hub: set HF_TOKEN to a token "
                                   "that has accepted its conditions, or give a local directory")
         for key in ("segmentation_model", "speaker_encoder"):
