@@ -25,7 +25,6 @@ import io
 import json
 import re
 import tarfile
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,14 +203,3 @@ def _empty(schema) -> bytes:
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist([], schema=schema), buf)
     return buf.getvalue()
-
-
-def packed_splits(directory: str) -> dict[str, list[str]] | None:
-    """{"train": [...], "val": [...]} shard paths of a packed corpus; None when `directory` is not one."""
-    out = OutputDir(directory)
-    if not out.exists("pack.json"):
-        return None
-    found = defaultdict(list)
-    for split in SPLITS:
-        found[split] = [out.path(split, n) for n in out.list(split, ".tar")]
-    return dict(found)
