@@ -42,6 +42,17 @@ def row(section: str, setting: str, value: str = "", detail: str = "", note: str
     print(f"  {section} | {setting} | {value} | {detail} | {note}", file=sys.stderr, flush=True)
 
 
+def timed_batches(model, audio, seconds: float, batches: list[int], device: str, sync, **timing):
+    """(batch size, seconds per call) of `model` on batches of `seconds`-long views of one
+    recording, each shifted by 1 s so no two rows of a batch are the same."""
+    import torch
+
+    for b in batches:
+        x = torch.stack([torch.roll(audio, -i * 16000)[: int(seconds * 16000)] for i in range(b)])[:, None].to(device)
+        with torch.inference_mode():
+            yield b, timed(lambda: model(x), sync, **timing)
+
+
 def guarded(section: str):
     """Run a section; any failure becomes one "not measured" row naming the reason."""
     def wrap(fn):
@@ -127,10 +138,7 @@ def segmentation(device: str, batches: list[int], sync) -> None:
     model = Model.from_pretrained(path, strict=False).to(device).eval()
     duration, step = model.specifications.duration, DiarizeConfig().segmentation_step
     audio = torch.from_numpy(speech(16000, duration * 4))
-    for b in batches:
-        x = torch.stack([torch.roll(audio, -i * 16000)[: int(duration * 16000)] for i in range(b)])[:, None].to(device)
-        with torch.inference_mode():
-            dt = timed(lambda: model(x), sync, repeat=3)
+    for b, dt in timed_batches(model, audio, duration, batches, device, sync, repeat=3):
         # the pipeline slides the window by step * duration: each audio second is seen 1/step times
         row("pyannote segmentation", f"PyanNet fp32 batch {b} x {duration:g} s", f"{num(b * duration * step / dt)}x real time",
             f"{num(b / dt)} windows/s at step {step}", "offline diarizer's model (whisperx checkpoint)")
@@ -144,10 +152,7 @@ def embedding(device: str, batches: list[int], seconds: float, sync) -> None:
     torch.manual_seed(0)
     model = WeSpeakerResNet34().to(device).eval()  # hub weights are gated: random init, same cost
     audio = torch.from_numpy(speech(16000, seconds * 4))
-    for b in batches:
-        x = torch.stack([torch.roll(audio, -i * 16000)[: int(seconds * 16000)] for i in range(b)])[:, None].to(device)
-        with torch.inference_mode():
-            dt = timed(lambda: model(x), sync, repeat=3)
+    for b, dt in timed_batches(model, audio, seconds, batches, device, sync, repeat=3):
         row("pyannote embedding", f"WeSpeaker ResNet34 fp32 batch {b} x {seconds:g} s", f"{num(b / dt)} embeddings/s",
             f"{num(b * seconds / dt)}x real time", "community pipeline's architecture, random init")
 
@@ -164,10 +169,7 @@ def resemblyzer(device: str, batches: list[int], seconds: float, sync) -> None:
 
     model = resemblyzer_embedding_model(default_encoder_path()).to(device).eval()
     audio = torch.from_numpy(speech(16000, seconds * 4))
-    for b in batches:
-        x = torch.stack([torch.roll(audio, -i * 16000)[: int(seconds * 16000)] for i in range(b)])[:, None].to(device)
-        with torch.inference_mode():
-            dt = timed(lambda: model(x), sync)
+    for b, dt in timed_batches(model, audio, seconds, batches, device, sync):
         row("resemblyzer embedding", f"GE2E batch {b} x {seconds:g} s", f"{num(b / dt)} embeddings/s",
             f"{num(b * seconds / dt)}x real time", "offline diarizer's encoder; mel on CPU (librosa)")
 
