@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from train import loop, pronounce
+from train import pronounce
 from train.cli import evaluate as evaluate_cmd
-from train.config import EvaluateConfig, load_config, parse_sets
-from train.testing import make_shards, tiny_tokenizer
+from train.config import EvaluateConfig
+from train.testing import tiny_run
 from test_train import one_thread  # noqa: F401 (autouse fixture)
 
 
@@ -89,13 +89,7 @@ def test_pronunciation_plumbing_on_a_random_recogniser(tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    tiny_tokenizer(root / "tok")
-    make_shards(root / "data", n_shards=3, per_shard=4)
-    cfg = load_config("configs/train/tiny.yaml", parse_sets([
-        f"data.tokenizer={root / 'tok'}", "data.allow_unreleased_codec=true", "data.num_workers=0",
-        "data.eval_fraction=0.3", "train.eval_every=1", "train.sample_every=0"]))
-    history = loop.run(cfg, str(root / "data"), str(root / "run"), max_steps=1)
-    return root, history
+    return root, tiny_run(root, ["data.eval_fraction=0.3", "train.eval_every=1", "train.sample_every=0"], max_steps=1)
 
 
 def _evaluate(root, *extra):

@@ -9,11 +9,11 @@ import soundfile as sf
 import torch
 from click.testing import CliRunner
 
-from train import generate, hf, loop
+from train import generate, hf
 from train.cli import generate as generate_cmd
-from train.config import load_config, parse_sets
+from train.config import load_config
 from train.model import FLAVOURS
-from train.testing import make_shards, tiny_tokenizer
+from train.testing import tiny_run, tiny_tokenizer
 from test_train import one_thread  # noqa: F401 (autouse fixture)
 
 transformers = pytest.importorskip("transformers")
@@ -79,14 +79,8 @@ def test_greedy_frames_equal_transformers_generate(tmp_path, stops):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
-    tiny_tokenizer(root / "tok")
-    make_shards(root / "data", n_shards=3, per_shard=4)
-    cfg = load_config("configs/train/tiny.yaml", parse_sets([
-        f"data.tokenizer={root / 'tok'}", "data.allow_unreleased_codec=true", "data.num_workers=0",
-        "train.eval_every=0", "train.sample_every=2", "train.sample_prompts=[\"[0]hello there\"]",
-        "generate.max_seconds=1.0"]))
-    history = loop.run(cfg, str(root / "data"), str(root / "run"), max_steps=2)
-    return root, history
+    return root, tiny_run(root, ["train.eval_every=0", "train.sample_every=2", "train.sample_prompts=[\"[0]hello there\"]",
+                                 "generate.max_seconds=1.0"], max_steps=2)
 
 
 def test_samples_during_training_with_wer(run_dir):

@@ -65,3 +65,18 @@ def make_shards(out_dir: str | Path, n_shards: int = 3, per_shard: int = 8, rele
             for k in range(per_shard):
                 w.write(make_sample(rng, sample_key(source, 0, k), released, source=source, **sample_kw))
     return Path(out_dir)
+
+
+def tiny_run(root: str | Path, sets: list[str], max_steps: int) -> list[dict]:
+    """A tiny.yaml run on a synthetic corpus under `root` (tok/, data/, run/): its metrics history.
+    `sets` are `key=value` overrides on top of the offline plumbing ones."""
+    from stages.overrides import parse_sets
+    from train import loop
+    from train.config import load_config
+
+    root = Path(root)
+    tiny_tokenizer(root / "tok")
+    make_shards(root / "data", n_shards=3, per_shard=4)
+    base = [f"data.tokenizer={root / 'tok'}", "data.allow_unreleased_codec=true", "data.num_workers=0"]
+    cfg = load_config(str(Path(__file__).resolve().parent.parent / "configs" / "train" / "tiny.yaml"), parse_sets(base + sets))
+    return loop.run(cfg, str(root / "data"), str(root / "run"), max_steps=max_steps)
