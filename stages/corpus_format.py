@@ -384,13 +384,57 @@ class SpeakerLabels:
         self.cache: dict[tuple[str, str], dict[tuple[int, str], str]] = {}
 
     def apply(self, sample: Sample, shard_url: str | None) -> Sample:
-        if not shard_url or shard_url.count("/") < 2:  # a stream: nothing to map
+        root, sid = corpus_root(shard_url), sample.source.id
+        if root is None:  # a stream: nothing to map
             return sample
-        root, sid = shard_url.rsplit("/", 2)[0], sample.source.id
         if (root, sid) not in self.cache:
             rows = read_rows(OutputDir(root), speakers_file(sid))
             self.cache[(root, sid)] = {(c, lab): spk for (_, c, lab), spk in label_map(rows).items()}
         m = self.cache[(root, sid)]
         for u in sample.utterances:
             u.speaker = m.get((sample.chunk, u.speaker), u.speaker)
+        return sample
+
+
+def corpus_root(shard_url: str | None) -> str | None:
+    """The corpus root a shard is in (`DIR/shards/x.tar` or a packed `DIR/train/x.tar` -> DIR)."""
+    return shard_url.rsplit("/", 2)[0] if shard_url and shard_url.count("/") >= 2 else None
+
+
+class CorpusSpeakers:
+    """The trainer's `data.speaker_ids: corpus`: each utterance's source speaker (the labels
+    SpeakerLabels gives) becomes its corpus speaker's number from the corpus-wide map that
+    `pipeline link-speakers` writes (`DIR/speaker_map.parquet`, copied by `pipeline pack`), so one
+    voice has one id in every file. A missing map, or a speaker the map lacks (a source added or
+    relinked since), is an error: a silent fallback would give one voice several ids. Picklable."""
+
+    KEY = "data.speaker_ids=corpus"
+
+    def __init__(self):
+        self.cache: dict[str, dict[tuple[str, str], str]] = {}
+
+    def ids(self, root: str) -> dict[tuple[str, str], str]:
+        if root not in self.cache:
+            out = OutputDir(root)
+            if not out.exists(CORPUS_MAP):
+                raise FileNotFoundError(
+                    f"{self.KEY}: no corpus speaker map {out.path(CORPUS_MAP)}; run `pipeline link-speakers {root}` "
+                    "(on the pipeline's output, then pack again), or set data.speaker_ids to index or raw")
+            self.cache[root] = {(r["source_id"], r["speaker"]): r["corpus_speaker"].lstrip("C")
+                                for r in read_rows(out, CORPUS_MAP)}
+        return self.cache[root]
+
+    def apply(self, sample: Sample, shard_url: str | None) -> Sample:
+        root = corpus_root(shard_url)
+        if root is None:
+            raise ValueError(f"{self.KEY}: sample {sample.key} does not come from a corpus directory "
+                             f"({shard_url!r}), so there is no speaker_map.parquet to read")
+        ids = self.ids(root)
+        for u in sample.utterances:
+            got = ids.get((sample.source.id, u.speaker))
+            if got is None:
+                raise KeyError(f"{self.KEY}: source {sample.source.id} speaker {u.speaker} (sample {sample.key}) is not "
+                               f"in {OutputDir(root).path(CORPUS_MAP)}: the corpus changed since the map was written "
+                               "(or the source was not linked across chunks); run `pipeline link-speakers` again")
+            u.speaker = got
         return sample

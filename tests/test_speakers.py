@@ -132,6 +132,52 @@ def test_trainer_labels_go_through_the_source_map(tmp_path):
     assert SpeakerLabels().apply(sample, f"{tmp_path}/train/shard-000000.tar").utterances[0].speaker == "S1"
 
 
+def test_trainer_corpus_speaker_ids_give_one_voice_one_id_across_files(tmp_path):
+    """data.speaker_ids=corpus: two files whose speakers link to one corpus speaker give its lines one id."""
+    import re
+
+    import webdataset as wds
+
+    from stages.speakers import write_corpus_map
+    from train.config import DataConfig
+    from train.data import SampleDecoder
+    from train.testing import make_shards, tiny_tokenizer
+
+    A, B, _ = _voices()
+    make_shards(tmp_path, n_shards=2, per_shard=3)  # sources synthetic-0000000000/1, chunk labels SPEAKER_00/01
+    out = OutputDir(str(tmp_path))
+    out.makedirs()
+    for n, (v0, v1) in enumerate([(A, B), (B, A)]):  # the second file has the voices the other way round
+        write_source_speakers(out, [record(0, {"SPEAKER_00": {"seconds": 9, "embedding": list(v0)},
+                                               "SPEAKER_01": {"seconds": 9, "embedding": list(v1)}}, True,
+                                           sid=f"synthetic-{n:010x}")], THRESHOLD, 5.0)
+    urls = sorted(str(p) for p in (tmp_path / "shards").glob("*.tar"))
+    tok = tiny_tokenizer(tmp_path / "tok")
+
+    def ids(speaker_ids):
+        """{(source, chunk label): set of speaker ids the trainer writes in its text rows}"""
+        decoder = SampleDecoder(tok, DataConfig(speaker_ids=speaker_ids, allow_unreleased_codec=True), 32)
+        got: dict = {}
+        for raw in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+            labels = [u["speaker"] for u in json.loads(raw["json"])["utterances"]]
+            r = decoder(raw)
+            text = tok.decode(r["tokens"][r["mask"][:, 32], 32])
+            for label, spk in zip(labels, re.findall(r"\[ (\d+) \]", text)):
+                got.setdefault((raw["__url__"].rsplit("-", 2)[1], label), set()).add(spk)
+        return got
+
+    with pytest.raises(FileNotFoundError, match="data.speaker_ids=corpus.*speaker_map.parquet.*link-speakers"):
+        ids("corpus")
+    write_corpus_map(out, THRESHOLD)
+    got = ids("corpus")
+    assert all(len(v) == 1 for v in got.values())  # one id per source speaker in every sample
+    assert got[("0000000000", "SPEAKER_00")] == got[("0000000001", "SPEAKER_01")]  # voice A in both files
+    assert got[("0000000000", "SPEAKER_01")] == got[("0000000001", "SPEAKER_00")]  # voice B in both files
+    assert got[("0000000000", "SPEAKER_00")] != got[("0000000000", "SPEAKER_01")]
+    # per-sample indices ("index") give the first speaker of every sample 0, whichever voice it is
+    assert ids("index")[("0000000001", "SPEAKER_00")] == {"0"} == ids("index")[("0000000000", "SPEAKER_00")]
+
+
 # --- real voices through the diarizer --------------------------------------------------------
 
 

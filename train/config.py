@@ -44,8 +44,14 @@ class DataConfig:
     num_workers: int = 2
     epoch_batches: int = 1000  # batches per rank per "epoch" (.with_epoch): keeps ranks in lockstep
     eval_fraction: float = 0.05  # sources held out for eval, chosen by hash (at least one when > 0)
-    speaker_ids: str = "index"  # "index": speakers renumbered 0,1,.. per sample (as CSM expects); "raw"
+    # "index": speakers renumbered 0,1,.. per sample (as CSM expects); "raw": the source's labels (S0, S1);
+    # "corpus": the corpus speaker's number from `pipeline link-speakers` (speaker_map.parquet), one id per voice
+    speaker_ids: str = "index"
     allow_unreleased_codec: bool = False  # codes from a Mimi without released weights are noise
+
+    def __post_init__(self):
+        require(self.speaker_ids in ("index", "raw", "corpus"), "speaker_ids",
+                f"must be index, raw or corpus, got {self.speaker_ids!r}")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from stages.corpus_format import CODES, JSON, Sample, SpeakerLabels
+from stages.corpus_format import CODES, JSON, CorpusSpeakers, Sample, SpeakerLabels
 from train.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -189,9 +189,12 @@ class SampleDecoder:
     def __init__(self, tokenizer, cfg: DataConfig, num_codebooks: int):
         self.tokenizer, self.cfg, self.N = tokenizer, cfg, num_codebooks
         self.labels = SpeakerLabels()  # chunk labels -> the source's one labelling (speakers/), where linked
+        self.corpus = CorpusSpeakers() if cfg.speaker_ids == "corpus" else None  # -> corpus speakers
 
     def __call__(self, raw: dict) -> dict:
         sample = self.labels.apply(Sample.from_json(raw[JSON]), raw.get("__url__"))
+        if self.corpus is not None:
+            sample = self.corpus.apply(sample, raw.get("__url__"))
         check_codec(sample, self.cfg.allow_unreleased_codec, f"{raw.get('__url__')} sample {raw['__key__']}")
         codes = np.load(io.BytesIO(raw[CODES]), allow_pickle=False)
         tokens, mask = build_rows(sample, codes, self.tokenizer, self.cfg, self.N)
