@@ -203,6 +203,10 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, on_c
     # block instead of failing the run, and the source is recorded as an error (record_incomplete).
     # Set before the dataset is built: a dataset copies the context when it is created.
     ctx.max_errored_blocks = -1
+    # One chunk per block. Ray Data packs a task's outputs into blocks of up to 128 MiB, and a block
+    # goes to one worker: the five 120 s chunks of a 10-minute file (~20 MB each) were one block, and
+    # one core did the whole file while the other idled. Any chunk is over 1 MiB, so each is a block.
+    ctx.target_max_block_size = 1 << 20
     source, stages = build_source(config), build_stages(config)
     progress = Progress(len(uris), sum(sizes), dict(zip(uris, sizes)), config.run.progress_seconds, on_commit)
     models = {s.name: s.describe() for s in stages}  # what each stage runs; workers add codec and diarizer

@@ -189,3 +189,23 @@ def test_a_backlogged_pool_grows_and_every_chunk_comes_back_once(ray_session):
     assert sorted(c.index for c in out) == list(range(12))
     actors = {c.placement["slow"]["actor"] for c in out}
     assert 2 <= len(actors) <= 3
+
+
+def test_one_long_recording_is_spread_over_every_worker(ray_session, sample_wav, tmp_path):
+    """A single file of several chunks keeps both workers busy: Ray Data used to pack a decode
+    task's chunks into one block, and a block goes to one worker (issue: long recordings left
+    cores idle). The session's Ray has a worker per core, here 2."""
+    import os
+
+    import soundfile as sf
+
+    audio, rate = sf.read(sample_wav, dtype="float32")
+    wav = tmp_path / "long.wav"
+    sf.write(wav, np.concatenate([audio, audio[: 15 * rate]]), rate)  # 45 s: five 9 s chunks
+    out = tmp_path / "corpus"
+    result = run_cli(["run", str(wav), "--output", str(out), "--set", "tokenize.allow_unreleased=true",
+                      "--set", "decode.chunk_seconds=9", "--set", "decode.cut_search_seconds=2"])
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["chunks"] >= 4
+    assert run["actors_used"]["tokenize"] == min(2, os.cpu_count() or 1)
