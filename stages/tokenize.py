@@ -42,6 +42,10 @@ class TokenizeConfig:
     gpus: float = 0.0
     actors: int | None = None  # pool size when unfused; None: grows with the backlog, up to what fits
     memory_gb: float = 1.2  # Mimi 0.45 GB + batches of up to 15 s 0.8 GB measured (120 s batches: 3 GB more)
+    # bf16 autocast (CUDA). Off: on an H200 fp32 already encodes 2700-5300x real time at batch
+    # 8-32 and bf16 gains only 1.06-1.35x (bench/gpu_check.sh), while its codes differed from fp32's
+    # at 30-40 % of positions (random-init Mimi; unmeasured with the released weights).
+    bf16: bool = False
 
     def __post_init__(self):
         require(1 <= self.num_codebooks <= 32, "num_codebooks", f"must be in [1, 32] (Mimi has 32), got {self.num_codebooks}")
@@ -167,12 +171,10 @@ def use_whole_clip_encoder(model):
     return model
 
 
-def encode_batch(model, clips: list[np.ndarray], device: str, bf16: bool | None = None) -> list[np.ndarray]:
+def encode_batch(model, clips: list[np.ndarray], device: str, bf16: bool = False) -> list[np.ndarray]:
     """Codes int16 [K, ceil(len/1920)] for each 24 kHz mono clip, in one padded forward pass;
-    under bf16 autocast when `bf16` (None: on CUDA)."""
+    under bf16 autocast when `bf16`."""
     import torch
-
-    bf16 = device == "cuda" if bf16 is None else bf16
 
     longest = max(len(c) for c in clips)
     batch = np.zeros((len(clips), 1, longest), np.float32)
@@ -216,6 +218,7 @@ class TokenizeStage(Stage):
             "num_codebooks": self.config.num_codebooks,
             "frame_rate": 12.5,
             "sample_rate": CODEC_RATE,
+            **({"bf16": True} if self.config.bf16 else {}),
             **getattr(self, "identity", {}),
         }
 
@@ -230,7 +233,7 @@ class TokenizeStage(Stage):
         batch: list[int] = []
         for i in order + [None]:
             if batch and (i is None or len(clips[i]) * (len(batch) + 1) > budget):
-                for j, c in zip(batch, encode_batch(self.model, [clips[j] for j in batch], self.device)):
+                for j, c in zip(batch, encode_batch(self.model, [clips[j] for j in batch], self.device, self.config.bf16)):
                     codes[j] = c
                 batch = []
             if i is not None:
