@@ -2,7 +2,7 @@
 
     python bench/bench_pipeline.py [--sizes 4,8,16] [--baseline] [--workdir /tmp/csm-bench]
     python bench/bench_pipeline.py --shape podcasts --sizes 1,2 --minutes 10,20,30 --baseline
-    python bench/bench_pipeline.py --shape mix --sizes 1 --minutes 12 --calls 4 --baseline
+    python bench/bench_pipeline.py --shape mix --sizes 1 --minutes 12 --calls 4 --baseline --plain
     python bench/bench_pipeline.py --shape podcasts --sizes 1 --minutes 10 --set vad.cpus=2 --set asr.cpus=2 ...
 
 Shapes: `calls` (default), each size N distinct 30 s conversations; `podcasts`, N recordings of
@@ -11,6 +11,9 @@ Shapes: `calls` (default), each size N distinct 30 s conversations; `podcasts`, 
 process (a fresh local Ray, models loaded in their actors: the whole cost a user pays). Machine CPU
 is read from /proc/stat, so Ray's own processes are counted; run it on an otherwise idle machine
 (the load average is printed with the results).
+
+--baseline runs bench/sequential_baseline.py, the same models in one process; --plain adds its
+--plain mode (whisperx, a d-vector per segment clustered, Mimi: no diarizer, VAD or DNSMOS).
 """
 
 from __future__ import annotations
@@ -69,9 +72,10 @@ def run_pipeline(inputs: list[Path], out: Path, sets: list[str] = ()) -> dict:
     return {"wall": wall, "busy": busy, "run": run, "rss": rss}
 
 
-def run_baseline(inputs: list[Path], out: Path) -> dict:
+def run_baseline(inputs: list[Path], out: Path, plain: bool = False) -> dict:
     busy, t0 = machine_busy_seconds(), time.time()
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "sequential_baseline.py"), str(out), *map(str, inputs)],
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "sequential_baseline.py"), *["--plain"] * plain, str(out),
+                          *map(str, inputs)],
                          cwd=ROOT, check=True, capture_output=True, text=True)
     wall, busy = time.time() - t0, machine_busy_seconds() - busy
     return {"wall": wall, "busy": busy, **json.loads(res.stdout.strip().splitlines()[-1])}
@@ -93,6 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="4,8,16")
     ap.add_argument("--baseline", action="store_true")
+    ap.add_argument("--plain", action="store_true", help="with --baseline: also the plain script (no diarizer)")
     ap.add_argument("--workdir", default="/tmp/csm-bench")
     ap.add_argument("--shape", default="calls", choices=["calls", "podcasts", "mix"])
     ap.add_argument("--minutes", default="10,20,30", help="podcast lengths, cycled over the recordings")
@@ -154,13 +159,19 @@ def main() -> None:
                  # over every core, against the script's processing (model load excluded) on the same cores.
                  f"{base['process_seconds'] / (model_cpu / cores):.2f}x"],
             ]
-        print(f"\n## Side by side, same models, same inputs (load average now {os.getloadavg()[0]:.2f})\n")
+            if args.plain:
+                plain = run_baseline(inputs(n), work / f"plain-{args.shape}-{n}", plain=True)
+                rows.append([n, "plain script", f"{plain['wall']:.1f}", f"{plain['load_seconds']:.1f}",
+                             f"{audio / plain['wall']:.2f}", f"{plain['busy'] / (cores * plain['wall']):.2f}",
+                             f"{plain['wall'] / ours['wall']:.2f}x", ""])
+        ours = results[sizes[-1]]  # `base` is the largest size's, the loop's last
+        print(f"\n## Side by side, same inputs (load average now {os.getloadavg()[0]:.2f})\n")
         print(table(rows, ["inputs", "", "wall s", "start-up s", "x real time", "machine busy", "throughput vs script",
                            "ceiling: models only"]))
-        ours = results[sizes[-1]]  # `base` is the largest size's, the loop's last
         print(f"\n{args.shape}, {len(inputs(sizes[-1]))} files ({base['audio_seconds'] / 60:.0f} min of audio): "
-              f"{base['wall'] / ours['wall']:.2f}x the same-model sequential script, model CPU efficiency over the "
-              f"whole run {model_cpu_seconds(ours['run']) / (cores * ours['wall']):.2f}")
+              f"{base['wall'] / ours['wall']:.2f}x the same-model sequential script"
+              + (f", {plain['wall'] / ours['wall']:.2f}x the plain script" if args.plain else "")
+              + f"; model CPU efficiency over the whole run {model_cpu_seconds(ours['run']) / (cores * ours['wall']):.2f}")
         print("\nstart-up: the script's model loading; the pipeline's process start, Ray start and stop (its workers "
               "load their models inside the run, in parallel).")
 
