@@ -2,6 +2,8 @@
 
     python bench/bench_train.py                 # tiny on CPU; also 1B/100M when CUDA is available
     python bench/bench_train.py --flavour 1B --device cuda --seq-len 2048 --batch 4
+    python bench/bench_train.py --one --flavour tiny --device cpu --seq-len 512 --batch 4 --steps 3 --fraction 0.0625 --save
+        # one setting as JSON, with save_sync_s / save_async_block_s: what a checkpoint blocks training for
 
 Each setting runs in its own process so peak memory (RSS on CPU) is per setting. Batches are
 synthetic rows shaped like the corpus (text rows, ~5 s utterances of audio, end-of-audio frames).
@@ -80,6 +82,40 @@ def run_one(args) -> dict:
         peak = flops.peak_tflops(cfg.train.peak_tflops, d.device, cfg.train.dtype)
         if peak:
             out["mfu"] = out["tflops"] / peak
+    if args.save:
+        out.update(save_times(model, optimizer, scheduler, cfg, d, args.steps + 2))
+    return out
+
+
+def save_times(model, optimizer, scheduler, cfg, d, step: int) -> dict:
+    """A sharded checkpoint of this model and optimizer, saved synchronously, then asynchronously
+    (train/checkpoint.py): what each blocks the training loop for, and when the async write ended."""
+    import shutil
+    import tempfile
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from train import checkpoint
+
+    out = {}
+    root = Path(tempfile.mkdtemp(prefix="bench-save-"))
+    try:
+        dcp.save({"x": torch.zeros(1)}, checkpoint_id=str(root / "warm-up"))  # DCP's first-call costs, untimed
+        for name, asynchronous in (("sync", False), ("async", True)):
+            t = time.perf_counter()
+            checkpoint.save(root / name, d, model, optimizer, scheduler, step, {"consumed": 0}, cfg.to_dict(), 1,
+                            sharded=True, asynchronous=asynchronous)
+            out[f"save_{name}_block_s" if asynchronous else "save_sync_s"] = time.perf_counter() - t
+            checkpoint.wait()
+            if asynchronous:
+                out["save_async_total_s"] = time.perf_counter() - t
+            out["save_gb"] = sum(f.stat().st_size for f in (root / name).rglob("*") if f.is_file()) / 1e9
+            shutil.rmtree(root / name)  # one checkpoint on disk at a time (1B + AdamW: ~20 GB)
+    except Exception as exc:  # the step timings stand without it
+        out["save_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return out
 
 
@@ -95,6 +131,7 @@ def main():
     p.add_argument("--text-vocab", type=int, default=128256, help="Llama-3.2's; smaller for a quick CPU rehearsal")
     p.add_argument("--ac", action="store_true", help="activation checkpointing")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--save", action="store_true", help="also time a sharded checkpoint save, sync vs async (--one)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:

@@ -7,7 +7,8 @@ Sections: Mimi encode by batch size in fp32 and bf16 autocast, with bf16's code 
 fp32; pyannote segmentation (the offline diarizer's PyanNet) and embedding models (WeSpeaker
 ResNet34, the architecture of pyannote's community pipeline, and resemblyzer, the offline
 default) by batch size; the 1B/100M trainer step in bf16, plain, with activation checkpointing,
-with torch.compile, and both (bench/bench_train.py, one process each). A section whose package or
+with torch.compile, and both (bench/bench_train.py, one process each; the plain one also times a
+sharded checkpoint save, synchronous vs asynchronous). A section whose package or
 weights are missing prints "not measured: <why>" and the others go on.
 """
 
@@ -180,7 +181,8 @@ def trainer(device: str, flavour: str, seq_len: int, batch: int, steps: int, tim
     base = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--one", "--flavour", flavour, "--device", device,
             "--seq-len", str(seq_len), "--batch", str(batch), "--steps", str(steps), "--fraction", str(1 / 16),
             "--text-vocab", str(vocab)]
-    for label, extra in (("eager", []), ("act. ckpt", ["--ac"]), ("compile", ["--compile"]),
+    # eager also times a sharded checkpoint save, synchronous vs asynchronous (what each blocks the step for)
+    for label, extra in (("eager", ["--save"]), ("act. ckpt", ["--ac"]), ("compile", ["--compile"]),
                          ("compile + act. ckpt", ["--compile", "--ac"])):
         setting = f"{flavour} {'bf16' if device == 'cuda' else 'fp32'} {label}, {batch} x {seq_len}"
         left = DEADLINE[0] - time.perf_counter() - 10
@@ -188,9 +190,10 @@ def trainer(device: str, flavour: str, seq_len: int, batch: int, steps: int, tim
             row("trainer step", setting, note="not measured: out of the check's time budget")
             continue
         try:
-            proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=min(timeout, left))
+            limit = min(timeout + 60 * ("--save" in extra), left)  # 1B + AdamW: ~20 GB written twice
+            proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired:
-            row("trainer step", setting, note=f"not measured: over {min(timeout, left):.0f} s")
+            row("trainer step", setting, note=f"not measured: over {limit:.0f} s")
             continue
         if proc.returncode:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -198,8 +201,14 @@ def trainer(device: str, flavour: str, seq_len: int, batch: int, steps: int, tim
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         mfu = f", MFU {r['mfu']:.1%}" if "mfu" in r else (f", {r['tflops']:.0f} TFLOP/s" if "tflops" in r else "")
+        save = ""
+        if "save_sync_s" in r:
+            save = (f"; {r['save_gb']:.2g} GB checkpoint: sync save {num(r['save_sync_s'])} s, "
+                    f"async blocks {num(r['save_async_block_s'])} s (written in {num(r['save_async_total_s'])} s)")
+        elif "save_error" in r:
+            save = f"; save not measured: {r['save_error'][:80]}"
         row("trainer step", setting, f"{num(r['tokens_per_s'])} tokens/s",
-            f"{num(r['step_s'] * 1000)} ms/step{mfu}, peak {r['peak_mem_gb']:.1f} GB",
+            f"{num(r['step_s'] * 1000)} ms/step{mfu}, peak {r['peak_mem_gb']:.1f} GB{save}",
             "MFU vs dense bf16 peak" if "mfu" in r else ("no MFU on CPU" if device == "cpu" else "GPU peak unknown"))
 
 

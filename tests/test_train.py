@@ -4,6 +4,7 @@ import dataclasses
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,6 +196,108 @@ def test_resume_at_odd_step_with_two_workers_gives_same_losses(tmp_path, corpus)
     per_cb = [evals[0][f"eval_cb{k}_loss"] for k in range(N)]  # every codebook scored, on every frame
     assert evals[0]["eval_c0_loss"] == per_cb[0]
     assert abs(evals[0]["eval_decoder_loss"] - sum(per_cb[1:]) / (N - 1)) < 1e-9
+
+
+def _held_back_async_writes(monkeypatch, last_step: int, events: list):
+    """DCP's background writes held until the test sets their gate (returned, by checkpoint id), so a
+    checkpoint is still being written while training goes on, deterministically; `events` gets
+    "write <dir>" when a write starts. The last step's is not held (the end of the run waits for it)."""
+    import threading
+
+    import torch.distributed.checkpoint.state_dict_saver as saver
+
+    from train import checkpoint
+
+    real_async, real_write, gates = checkpoint.dcp.async_save, saver.save, {}
+
+    def async_save(state, **kw):  # the training thread: stages, then hands the write to DCP's thread
+        gates[str(kw["checkpoint_id"])] = gate = threading.Event()
+        if f"step-{last_step:07d}" in str(kw["checkpoint_id"]):
+            gate.set()
+        return real_async(state, **kw)
+
+    def write(*args, **kw):  # DCP's background thread (it imports state_dict_saver.save when it runs)
+        assert gates[str(kw["checkpoint_id"])].wait(timeout=120), "write never released"
+        events.append(f"write {Path(kw['checkpoint_id']).parent.name}")
+        return real_write(*args, **kw)
+
+    monkeypatch.setattr(checkpoint.dcp, "async_save", async_save)
+    monkeypatch.setattr(saver, "save", write)
+    return gates
+
+
+def test_async_checkpoint_pending_while_training_then_resumes_exactly(tmp_path, corpus, monkeypatch):
+    """Sharded + async: each save's write starts only after the next training step has changed the
+    weights it was staged from; until it ends its directory is .tmp- and `latest` the previous one;
+    resuming an async-saved mid-run checkpoint reproduces the uninterrupted run's losses bit for bit."""
+    import shutil
+
+    from train import checkpoint
+
+    sets = {"train.checkpoint_format": "sharded", "train.async_checkpoint": True, "train.ckpt_every": 2,
+            "train.keep_checkpoints": 3, "train.eval_every": 0, "train.sample_every": 0, "train.steps": 6}
+    cfg = _cfg(corpus, **sets)
+    run, events, seen, real_step = tmp_path / "a", [], [], loop.train_step
+    gates = _held_back_async_writes(monkeypatch, 6, events)
+
+    def step_then_release(model, optimizer, scheduler, micro, cfg, step, d):
+        if step == 4:  # step 5 starts: step 4's save returned (staged) but its write is held back
+            seen.append((checkpoint.latest(run).name, sorted(p.name for p in (run / "checkpoints").iterdir())))
+        out = real_step(model, optimizer, scheduler, micro, cfg, step, d)
+        events.append(f"step {step + 1}")
+        for g in gates.values():
+            g.set()  # a held write may start now, after a step that changed the weights
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step_then_release)
+    straight = loop.run(cfg, str(corpus / "data"), str(run))
+    assert seen == [("step-0000002", [".tmp-step-0000004", "latest", "step-0000002"])]
+    assert events.index("write .tmp-step-0000002") > events.index("step 3")
+    assert events.index("write .tmp-step-0000004") > events.index("step 5")
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-0000002", "step-0000004", "step-0000006"]
+    assert checkpoint.latest(run).name == "step-0000006"  # the last save waited for at the end of the run
+    monkeypatch.undo()  # the real train_step and DCP
+    shutil.copytree(run, tmp_path / "b")
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step-0000004")
+    resumed = loop.run(cfg, str(corpus / "data"), str(tmp_path / "b"), resume=True)
+    assert [m["step"] for m in resumed] == [5, 6]
+    for a, b in zip(straight[4:], resumed):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (a, b)
+
+
+def test_async_checkpoint_failed_write_never_becomes_latest(tmp_path, corpus, monkeypatch):
+    """A write that fails in the background raises at wait() (here: at the end of the `saving` block)
+    and leaves `latest` on the last complete checkpoint; a full-format run says it saves synchronously."""
+    import concurrent.futures
+
+    from train import checkpoint
+
+    cfg = _cfg(corpus)
+    tok = data.load_tokenizer(cfg.data.tokenizer)
+    model = loop.build_model(cfg, tok)
+    opt, sch = loop.build_optimizer(model, cfg.train)
+    save = lambda step: checkpoint.save(tmp_path, Dist(), model, opt, sch, step, {"consumed": 0},  # noqa: E731
+                                        cfg.to_dict(), 2, sharded=True, asynchronous=True)
+    save(1)
+    assert checkpoint.latest(tmp_path) is None and (tmp_path / "checkpoints" / ".tmp-step-0000001").is_dir()
+    assert checkpoint.wait().name == "step-0000001" and checkpoint.latest(tmp_path).name == "step-0000001"
+
+    def failing(*args, **kw):
+        f = concurrent.futures.Future()
+        f.set_exception(OSError("disk full"))
+        return f
+
+    monkeypatch.setattr(checkpoint.dcp, "async_save", failing)
+    with pytest.raises(OSError, match="disk full"), checkpoint.saving():
+        save(2)
+    assert checkpoint.latest(tmp_path).name == "step-0000001" and checkpoint.wait() is None
+    assert not (tmp_path / "checkpoints" / "step-0000002").exists()
+    full = checkpoint.async_mode(False, True)
+    assert full[0] is False and "synchronous" in full[1]
+    monkeypatch.delattr(checkpoint.dcp, "async_save")
+    old_torch = checkpoint.async_mode(True, True)
+    assert old_torch[0] is False and "SYNCHRONOUS" in old_torch[1] and "async_save" in old_torch[1]
 
 
 def test_eval_in_decoder_chunks_equals_one_pass(corpus, monkeypatch):

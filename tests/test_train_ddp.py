@@ -63,6 +63,7 @@ def _torchrun(*args, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,8 @@ def test_torchrun_cli_end_to_end(corpus, tmp_path):
 
 
 def test_sharded_checkpoint_from_two_processes_resumes_on_one(corpus, tmp_path):
-    """FSDP on 2 processes saves sharded (torch.distributed.checkpoint) and full checkpoints of the same
+    """FSDP on 2 processes saves sharded (torch.distributed.checkpoint, asynchronously: step 1's write runs
+    in the background over its own gloo group while step 2 trains) and full checkpoints of the same
     training; one process loads either into the same weights and optimizer state, and resumes both to the
     same losses; generate/export/evaluate read the sharded one too."""
     import shutil
@@ -115,10 +117,15 @@ def test_sharded_checkpoint_from_two_processes_resumes_on_one(corpus, tmp_path):
     runs = {}
     for fmt in ("full", "sharded"):
         runs[fmt] = tmp_path / fmt
-        extra = ["parallel.mode=fsdp", f"train.checkpoint_format={fmt}"]
-        _torchrun("-m", "train", str(corpus / "data"), "--config", "configs/train/tiny.yaml", "--output", str(runs[fmt]),
-                  "--max-steps", "2", *[a for s in sets + extra for a in ("--set", s)])
-    step2 = runs["sharded"] / "checkpoints" / "step-0000002"
+        extra = ["parallel.mode=fsdp", f"train.checkpoint_format={fmt}", "train.ckpt_every=1",
+                 "train.async_checkpoint=true"]
+        proc = _torchrun("-m", "train", str(corpus / "data"), "--config", "configs/train/tiny.yaml", "--output",
+                         str(runs[fmt]), "--max-steps", "2", *[a for s in sets + extra for a in ("--set", s)])
+        mode = "sharded, asynchronous" if fmt == "sharded" else "full (state.pt gathered on rank 0), synchronous"
+        assert f"checkpoints: {mode}" in proc.stderr, proc.stderr[-3000:]
+    ckpts = runs["sharded"] / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-0000001", "step-0000002"]
+    step2 = ckpts / "step-0000002"
     assert (step2 / "dcp").is_dir() and not (step2 / "state.pt").exists()
     cfg = load_config("configs/train/tiny.yaml", parse_sets(sets))
     states = {}

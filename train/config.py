@@ -78,6 +78,11 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     checkpoint_format: str = "full"  # full: state.pt gathered on rank 0; sharded: torch.distributed.checkpoint
+    # Sharded format only: the step waits for the copy of this rank's shards to host memory, not for the disk
+    # (dcp.async_save; train/checkpoint.py). On by default: resume is the same as from a synchronous save (tests),
+    # and the cost is one transient host copy of the rank's model + optimizer shards while the write runs; set
+    # false where host memory is tight. Full format, or a torch without async_save: synchronous, and the log says so.
+    async_checkpoint: bool = True
     sample_every: int = 1000  # generate sample_prompts into RUN/samples/ (0: never); WER when an ASR model loads
     sample_prompts: tuple[str, ...] = ("[0]Hello, how are you doing today?", "[1]I am fine, thanks. What about you?")
     # Fine-tuning: parameter-name prefixes left untrained (e.g. [backbone, text_embeddings]), and lr multipliers

@@ -273,32 +273,38 @@ def run(cfg: Config, shards_dir: str, run_dir: str, max_steps: int | None = None
     peak = flops.peak_tflops(cfg.train.peak_tflops, d.device, cfg.train.dtype)
     if d.is_main and peak is None:
         log.info("no MFU in the metrics: peak TFLOP/s of %s unknown (set train.peak_tflops)", d.device)
+    sharded = cfg.train.checkpoint_format == "sharded"
+    asynchronous, how = checkpoint.async_mode(sharded, cfg.train.async_checkpoint)
+    if d.is_main:  # a fallback from an asynchronous save that was asked for is a warning
+        fallback = sharded and cfg.train.async_checkpoint and not asynchronous
+        log.log(logging.WARNING if fallback else logging.INFO, "checkpoints: %s", how)
     model.train()
-    while step < last:
-        t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(cfg.train.grad_accum)]
-        m = train_step(model, optimizer, scheduler, micro, cfg, step, d)
-        step += 1
-        dt = time.perf_counter() - t0
-        m.update(step=step, step_time=dt, frames_per_s=m["frames"] / dt, tokens_per_s=m["tokens"] / dt,
-                 peak_mem_gb=peak_memory_gb(d.device), tflops_per_s=m["model_flops"] / dt / 1e12)
-        if peak:
-            m["mfu"] = m["tflops_per_s"] / (peak * d.world)
-        if held_out and step % cfg.train.eval_every == 0:
-            m.update(evaluate(model, held_out, cfg, d))
-        if cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0:
-            whole = listen.full_model(model, cfg, d)
-            if listener is not None:
-                m.update(listener(whole, step))
-        history.append(m)
-        if step % cfg.train.log_every == 0 or "eval_loss" in m or "sample_seconds" in m:
-            metrics.write(m)
-            if d.is_main:
-                log.info("step %d loss %.4f (c0 %.4f, dec %.4f) lr %.2e %.0f frames/s", step, m["loss"],
-                         m["c0_loss"], m["decoder_loss"], m["lr"], m["frames_per_s"])
-        if (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0) or step == last:
-            checkpoint.save(run_dir, d, model, optimizer, scheduler, step,
-                            {"consumed": batches.consumed, "seed": cfg.train.seed}, cfg.to_dict(),
-                            cfg.train.keep_checkpoints, sharded=cfg.train.checkpoint_format == "sharded")
+    with checkpoint.saving():  # the last (asynchronous) checkpoint complete before the run returns
+        while step < last:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+            m = train_step(model, optimizer, scheduler, micro, cfg, step, d)
+            step += 1
+            dt = time.perf_counter() - t0
+            m.update(step=step, step_time=dt, frames_per_s=m["frames"] / dt, tokens_per_s=m["tokens"] / dt,
+                     peak_mem_gb=peak_memory_gb(d.device), tflops_per_s=m["model_flops"] / dt / 1e12)
+            if peak:
+                m["mfu"] = m["tflops_per_s"] / (peak * d.world)
+            if held_out and step % cfg.train.eval_every == 0:
+                m.update(evaluate(model, held_out, cfg, d))
+            if cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0:
+                whole = listen.full_model(model, cfg, d)
+                if listener is not None:
+                    m.update(listener(whole, step))
+            history.append(m)
+            if step % cfg.train.log_every == 0 or "eval_loss" in m or "sample_seconds" in m:
+                metrics.write(m)
+                if d.is_main:
+                    log.info("step %d loss %.4f (c0 %.4f, dec %.4f) lr %.2e %.0f frames/s", step, m["loss"],
+                             m["c0_loss"], m["decoder_loss"], m["lr"], m["frames_per_s"])
+            if (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0) or step == last:
+                checkpoint.save(run_dir, d, model, optimizer, scheduler, step,
+                                {"consumed": batches.consumed, "seed": cfg.train.seed}, cfg.to_dict(),
+                                cfg.train.keep_checkpoints, sharded=sharded, asynchronous=asynchronous)
     metrics.close()
     return history
