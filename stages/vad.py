@@ -59,12 +59,16 @@ class VadStage(Stage):
     def setup(self) -> None:
         from silero_vad import load_silero_vad
 
-        self.model = load_silero_vad()
+        # The packaged ONNX export of the same weights: 2.1x less CPU than the TorchScript model at one
+        # thread (0.68 against 1.43 CPU-s per 120 s), identical speech regions on a 10-minute podcast
+        # and a three-voice espeak conversation.
+        self.model = load_silero_vad(onnx=True)
 
     def describe(self) -> dict:
         import silero_vad
 
-        return {"name": "silero-vad", "version": getattr(silero_vad, "__version__", "6.2"), "threshold": self.config.threshold}
+        return {"name": "silero-vad", "version": getattr(silero_vad, "__version__", "6.2"), "runtime": "onnx",
+                "threshold": self.config.threshold}
 
     def process(self, chunk: Chunk) -> Chunk:
         chunk.speech = speech_regions(self.model, chunk.mono16k, self.config, chunk.offset)

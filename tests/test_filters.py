@@ -22,9 +22,11 @@ SR = 16_000
 
 @pytest.fixture(scope="module")
 def vad_model():
-    from silero_vad import load_silero_vad
+    from stages.vad import VadConfig, VadStage
 
-    return load_silero_vad()
+    stage = VadStage(VadConfig())
+    stage.setup()  # the model the pipeline runs (silero's ONNX export)
+    return stage.model
 
 
 @pytest.fixture(scope="module")
