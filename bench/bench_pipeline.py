@@ -172,6 +172,9 @@ def main() -> None:
               f"{base['wall'] / ours['wall']:.2f}x the same-model sequential script"
               + (f", {plain['wall'] / ours['wall']:.2f}x the plain script" if args.plain else "")
               + f"; model CPU efficiency over the whole run {model_cpu_seconds(ours['run']) / (cores * ours['wall']):.2f}")
+        print("script wall seconds per model (all cores to each in turn): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in base.get("model_seconds", {}).items())
+              + ("; plain: " + ", ".join(f"{k} {v:.1f}" for k, v in plain["model_seconds"].items() if v) if args.plain else ""))
         print("\nstart-up: the script's model loading; the pipeline's process start, Ray start and stop (its workers "
               "load their models inside the run, in parallel).")
 
