@@ -4,18 +4,50 @@ plus the channel-attribution path on a two-channel call, with seconds per minute
 
     python bench/bench_diarize.py            # the grid used to pick the default
     python bench/bench_diarize.py --quick    # only the default setting
-    python bench/bench_diarize.py --long [--chunk-seconds 30,60,120]
+    python bench/bench_diarize.py --long [--chunk-seconds 120,300,600] [--reencode-chunk 60]
+    python bench/bench_diarize.py --quick-long   # the 20-min recordings at 300 s, two re-encoded copies
+    python bench/bench_diarize.py --voices [V1,V2,...]   # resemblyzer distances between espeak-ng voices
 
 --long: recordings of several chunks, diarized as the pipeline does (chunk by chunk, then the
 chunks' speakers linked into one labelling per source, tests/diarize_chunks.py) and scored as whole
 files: DER and JER with one label mapping per file, and the speaker-count error, with chunk labels
-left unlinked for comparison (every chunk's speakers counted as new ones).
-Measured (2 cores, default config, --chunk-seconds 30,90; 12 rows): exact speaker count on 10 of
-12; two-voice whole-file DER 0.003-0.043 (mean 0.018), against 0.48-0.89 unlinked; pyannote's
-sample x8 0.033 / 0.014 (30 / 90 s chunks), its 8 kHz mu-law copy 0.037 / 0.017, with 60 s of
-leading silence 0.043 / 0.015. The three-voice conversation finds 2 speakers (DER 0.39 at both
-sizes): VOICE_A and VOICE_C are as close for the resemblyzer encoder as two lines of one voice, so
-the diarizer joins them inside a chunk already; linking cannot part them.
+left unlinked for comparison (every chunk's speakers counted as new ones). Rows: 20-minute
+three-voice (VOICE_A, VOICE_B, VOICE_D) and two-voice conversations at every --chunk-seconds;
+pyannote's sample x4 and its copies re-encoded with PyAV (AAC in M4A 32 kb/s, MP3 32 kb/s, Opus 16
+kb/s), 8 kHz mu-law, with 90 s of leading silence and clipped (12 dB over full scale), at
+--reencode-chunk; and a 5-minute "close" three-voice row (VOICE_C for the third voice) reported
+apart. Chunk diarizations are cached on disk (--cache, keyed by audio and diarizer identity), so a
+rerun that changes only the linking re-scores in seconds.
+
+Voices (--voices; mean resemblyzer cosine distance between utterance embeddings of different
+sentences, 16 lines a voice): one voice with itself 0.09-0.12; VOICE_A (en-us+m3) - VOICE_B
+(en+f4) 0.41; the old third voice VOICE_C (en-gb-scotland+m1) - VOICE_A only 0.17, like en-us,
+en+m1, en-gb+m2 and en+grandpa (0.17-0.19): not a distinct person for the encoder. VOICE_D (en+m8)
+is 0.35 from VOICE_A and 0.47 from VOICE_B: with en+Andy (0.36/0.39) the farthest from both of 35
+English variants tried (en-us+Storm 0.30/0.43, en+boris 0.34/0.39, en+m7 0.28/0.42). Inside a 120 s
+chunk the diarizer's centroids of the three voices are 0.26-0.39 apart.
+
+Measured (2 cores shared with other jobs, default config: threshold 0.46, link_threshold 0.3,
+min_speaker_seconds 10, min_speaker_share 0.2; `--long`, 13 scored rows, about 10 minutes; CPU
+3-9 s per minute of audio):
+
+    recording            chunk s  chunks  DER / JER     speakers  unlinked DER
+    synth3-20min         120      11      0.019/0.019   3 (3)     0.879
+    synth3-20min         300       5      0.017/0.017   3 (3)     0.730
+    synth3-20min         600       3      0.017/0.017   3 (3)     0.474
+    synth2-20min         120      11      0.022/0.021   2 (2)     0.903
+    synth2-20min         300       5      0.021/0.021   2 (2)     0.753
+    synth2-20min         600       3      0.021/0.021   2 (2)     0.506
+    sample-x4             60       2      0.026/0.046   2 (2)     0.496
+      aac-m4a / mp3 / opus         0.024 / 0.028 / 0.026          2 (2) each
+      mulaw8k / lead90 / clipped   0.018 / 0.023 / 0.068          2 (2) each
+    synth3-close-5min    120       3      0.343/0.506   2 (3)     0.588   (not counted)
+
+exact speaker count 13/13; two-voice whole-file DER mean 0.028, worst 0.068 (the clipped copy);
+three-voice 0.017-0.019. The close row finds 2 speakers: VOICE_A and VOICE_C are joined by the
+diarizer inside each chunk (0.17 apart, as close as sentences of one voice are to each other), so
+linking cannot part them; no threshold change was made for it (the diarizer's 0.46 already sits
+at the edge where pyannote's two telephone voices merge).
 """
 
 from __future__ import annotations
@@ -35,7 +67,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import numpy as np
 import soundfile as sf
-from conftest_audio import CLOSE_VOICES, SCRIPT, SCRIPT_THREE, VOICE_A, VOICE_B, VOICE_C, conversation, energy_regions
+from conftest_audio import (CLOSE_VOICES, SCRIPT, SCRIPT_THREE, VOICE_A, VOICE_B, VOICE_C, VOICE_D, conversation,
+                            energy_regions)
 from diarize_chunks import diarize_chunks, linked_turns
 
 from stages.diarize import DiarizeConfig, DiarizeStage
@@ -117,68 +150,226 @@ def mulaw_8k(wav: np.ndarray) -> np.ndarray:
     return resample_poly(np.sign(q) * np.expm1(np.abs(q) * np.log1p(255)) / 255, 2, 1).astype(np.float32)
 
 
-def long_recordings():
-    """name -> (mono 16 kHz, reference turns): 2.5 to 4 minutes each, two and three voices."""
+def long_script(voices: int, minutes: float, seed: int) -> list[tuple[int, str]]:
+    """A conversation of about `minutes` from the test scripts' sentences (one-word backchannels
+    left out): each line a random sentence, the next speaker another voice at random, or the same
+    one again 30 % of the time (a turn of several sentences)."""
+    from conftest_audio import RATE, SCRIPT_BACKCHANNEL, speak
+
+    pool = sorted({t for _, t in SCRIPT + SCRIPT_THREE + SCRIPT_BACKCHANNEL if " " in t})
+    rng = np.random.default_rng(seed)
+    out, spk, seconds = [], 0, 0.0
+    while seconds < minutes * 60:
+        text = pool[int(rng.integers(len(pool)))]
+        out.append((spk, text))
+        seconds += len(speak(text, (VOICE_A, VOICE_B, VOICE_D)[spk])) / RATE + 0.4  # about: voices differ in pace
+        if rng.random() > 0.3:
+            spk = int((spk + rng.integers(1, voices)) % voices)
+    return out
+
+
+def pyannote_sample():
     import pyannote.audio
 
     sample = Path(pyannote.audio.__file__).parent / "sample"
     wav, _ = sf.read(sample / "sample.wav", dtype="float32")
     ref = [(float(r.split()[3]), float(r.split()[3]) + float(r.split()[4]), r.split()[7])
            for r in (sample / "sample.rttm").read_text().splitlines() if r.strip()]
-    x8 = np.concatenate([wav] * 8)
-    ref8 = [(s + 30.0 * i, e + 30.0 * i, k) for i in range(8) for s, e, k in ref]
-    out = {"sample-x8": (x8, ref8), "sample-x8-mulaw8k": (mulaw_8k(x8), ref8)}
-    lead = 60.0  # leading silence (a faint noise floor), the reference shifted by it
-    silence = (10 ** (-55 / 20) * np.random.default_rng(5).standard_normal(int(lead * 16000))).astype(np.float32)
-    out["sample-x8-lead60"] = (np.concatenate([silence, x8]), [(s + lead, e + lead, k) for s, e, k in ref8])
-    for name, conv in [("synth2-4min", conversation(script=SCRIPT * 8, gap=0.4, seed=31)),
-                       ("synth2-close-3min", conversation(script=SCRIPT * 6, voices=CLOSE_VOICES, gap=0.3, seed=32)),
-                       ("synth3-3min", conversation(script=SCRIPT_THREE * 6, voices=(VOICE_A, VOICE_B, VOICE_C), gap=0.4, seed=33))]:
-        out[name] = (conv.mono, conv.turns)
+    return wav, ref
+
+
+def av_roundtrip(wav: np.ndarray, container: str, codec: str, rate: int, bit_rate: int) -> np.ndarray:
+    """Encode 16 kHz mono with PyAV (its bundled FFmpeg) into `container` and decode it back to 16 kHz."""
+    import io
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.bit_rate, stream.layout = bit_rate, "mono"
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wav, dtype=np.float32)[None], format="flt", layout="mono")
+        frame.sample_rate, frame.pts = RATE16, 0
+        resampler = av.AudioResampler(format=stream.format.name, layout="mono", rate=rate,
+                                      frame_size=stream.codec_context.frame_size or None)
+        for f in resampler.resample(frame) + resampler.resample(None):
+            out.mux(stream.encode(f))
+        out.mux(stream.encode(None))
+    buf.seek(0)
+    with av.open(buf) as src:
+        back = av.AudioResampler(format="flt", layout="mono", rate=RATE16)
+        parts = [f.to_ndarray().reshape(-1) for fr in src.decode(audio=0) for f in back.resample(fr)]
+        parts += [f.to_ndarray().reshape(-1) for f in back.resample(None)]
+    return np.concatenate(parts).astype(np.float32)
+
+
+RATE16 = 16000
+
+
+def reencoded(wav: np.ndarray, ref):
+    """name suffix -> (copy of `wav`, its reference): lossy codecs, a telephone line, leading
+    silence, clipping. Codec delay is measured by cross-correlation and taken out."""
+    from scipy.signal import correlate
+
+    def aligned(x):
+        n = min(len(x), len(wav), 5 * RATE16)
+        lag = int(np.argmax(correlate(x[: n + 4000], wav[:n], mode="valid", method="fft")))  # encoder delay >= 0
+        x = x[lag:][: len(wav)]
+        return np.pad(x, (0, len(wav) - len(x)))
+
+    out = {"aac-m4a": (aligned(av_roundtrip(wav, "ipod", "aac", 16000, 32000)), ref),  # .m4a
+           "mp3": (aligned(av_roundtrip(wav, "mp3", "libmp3lame", 16000, 32000)), ref),
+           "opus": (aligned(av_roundtrip(wav, "ogg", "libopus", 16000, 16000)), ref),
+           "mulaw8k": (mulaw_8k(wav), ref)}
+    lead = 90.0  # leading silence (a faint noise floor), the reference shifted by it
+    silence = (10 ** (-55 / 20) * np.random.default_rng(5).standard_normal(int(lead * RATE16))).astype(np.float32)
+    out["lead90"] = (np.concatenate([silence, wav]), [(s + lead, e + lead, k) for s, e, k in ref])
+    out["clipped"] = (np.clip(wav * 10 ** (12 / 20) / np.abs(wav).max(), -1, 1).astype(np.float32), ref)  # 12 dB over full scale
     return out
 
 
-def main_long(chunk_sizes: list[float]):
+def long_rows(chunk_sizes: list[float], reencode_chunk: float, quick: bool, reencode_three: bool = False):
+    """(name, group, mono 16 kHz, reference turns, chunk sizes): groups `two` and `three` count
+    toward the targets; `close` (a third voice as near VOICE_A as one voice to itself) is reported
+    on its own."""
+    wav, ref = pyannote_sample()
+    x4 = np.concatenate([wav] * 4)
+    ref4 = [(s + 30.0 * i, e + 30.0 * i, k) for i in range(4) for s, e, k in ref]
+    minutes = 20
+    three = conversation(script=long_script(3, minutes, 43), voices=(VOICE_A, VOICE_B, VOICE_D), gap=0.4, seed=43)
+    two = conversation(script=long_script(2, minutes, 42), voices=(VOICE_A, VOICE_B), gap=0.4, seed=42)
+    rows = [(f"synth3-{minutes}min", "three", three.mono, three.turns, chunk_sizes),
+            (f"synth2-{minutes}min", "two", two.mono, two.turns, chunk_sizes),
+            ("sample-x4", "two", x4, ref4, [reencode_chunk])]
+    copies = reencoded(x4, ref4)
+    for suffix in (["aac-m4a", "mulaw8k"] if quick else list(copies)):
+        rows.append((f"sample-x4-{suffix}", "two", *copies[suffix], [reencode_chunk]))
+    if reencode_three:  # the 20-min three-voice recording re-encoded, at 300 s chunks
+        for suffix, (x, r) in reencoded(three.mono, three.turns).items():
+            rows.append((f"synth3-{minutes}min-{suffix}", "three", x, r, [300.0]))
+    if not quick:
+        close = conversation(script=long_script(3, 5, 44), voices=(VOICE_A, VOICE_B, VOICE_C), gap=0.4, seed=44)
+        rows.append(("synth3-close-5min", "close", close.mono, close.turns, [120.0]))
+    return rows
+
+
+class CachedStage:
+    """The diarize stage with its chunk outputs kept on disk, keyed by the chunk's audio and the
+    diarizer's identity (not the linking settings): a rerun that only changes the linking, or
+    re-scores, costs nothing. `--no-cache` to recompute."""
+
+    def __init__(self, stage, directory: Path | None):
+        self.stage, self.dir = stage, directory
+
+    def process(self, chunk):
+        import hashlib
+        import json
+        import pickle
+
+        from stages.diarizer import pipeline_identity
+
+        key = None
+        if self.dir is not None:
+            h = hashlib.sha1(np.ascontiguousarray(chunk.audio16k).tobytes())
+            h.update(json.dumps([chunk.offset, pipeline_identity(self.stage.config)], sort_keys=True, default=str).encode())
+            key = self.dir / f"{h.hexdigest()[:20]}.pkl"
+            if key.exists():
+                d = pickle.loads(key.read_bytes())
+                chunk.turns, chunk.speaker_embeddings, chunk.speaker_mode, chunk.diarizer = d
+                return chunk
+        self.stage.process(chunk)
+        if key is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            key.write_bytes(pickle.dumps((chunk.turns, chunk.speaker_embeddings, chunk.speaker_mode, chunk.diarizer)))
+        return chunk
+
+
+def main_long(chunk_sizes: list[float], reencode_chunk: float, quick: bool, cache: Path | None, reencode_three: bool = False):
     """Whole-file scores of chunked diarization, linked and unlinked, per chunk size."""
     stage = DiarizeStage(DiarizeConfig(cpus=min(2, os.cpu_count() or 1)))
     stage.setup()
     cfg = stage.config
-    data = long_recordings()
-    print(f"whole-file DER / JER (collar 0.25 s), speakers found vs true; link threshold {cfg.link_threshold}, "
-          f"min_speaker_seconds {cfg.min_speaker_seconds}, min_speaker_share {cfg.min_speaker_share}")
-    print(f"{'recording':20s} {'min':>5s} {'chunk s':>7s} {'chunks':>6s} {'linked DER/JER':>15s} {'spk':>7s} "
+    cached = CachedStage(stage, cache)
+    print(f"whole-file DER / JER (collar 0.25 s), speakers found vs true; diarizer threshold {cfg.threshold}, "
+          f"link threshold {cfg.link_threshold}, min_speaker_seconds {cfg.min_speaker_seconds}, "
+          f"min_speaker_share {cfg.min_speaker_share}")
+    print(f"{'recording':24s} {'group':5s} {'min':>5s} {'chunk s':>7s} {'chunks':>6s} {'linked DER/JER':>15s} {'spk':>7s} "
           f"{'unlinked DER':>12s} {'spk':>4s} {'cpu s/min':>9s}")
-    rows = []
-    for name, (wav, ref) in data.items():
+    results = []
+    for name, group, wav, ref, sizes in long_rows(chunk_sizes, reencode_chunk, quick, reencode_three):
         true_n = len({k for _, _, k in ref})
-        for size in chunk_sizes:
+        for size in sizes:
             c = time.process_time()
-            chunks = diarize_chunks(stage, wav, size, rid=name)
+            chunks = diarize_chunks(cached, wav, size, rid=name)
             cpu = (time.process_time() - c) / (len(wav) / 16000 / 60)
             turns, speakers = linked_turns(chunks, cfg)
             der, jer, n = scores(ref, [(t.start, t.end, t.speaker) for t in turns])
             unlinked = [(t.start, t.end, f"{ch.index}:{t.speaker}") for ch in chunks for t in ch.turns]
             uder, _, un = scores(ref, unlinked)
-            rows.append((name, size, der, n == true_n))
-            print(f"{name:20s} {len(wav) / 16000 / 60:5.1f} {size:7.0f} {len(chunks):6d} {der:7.3f}/{jer:.3f} "
+            results.append((name, group, size, der, n, true_n))
+            print(f"{name:24s} {group:5s} {len(wav) / 16000 / 60:5.1f} {size:7.0f} {len(chunks):6d} {der:7.3f}/{jer:.3f} "
                   f"{n:3d} ({true_n}) {uder:12.3f} {un:4d} {cpu:9.2f}", flush=True)
-    exact = sum(r[3] for r in rows)
-    two = [r[2] for r in rows if not r[0].startswith("synth3")]
-    print(f"\nexact speaker count {exact}/{len(rows)}; two-voice whole-file DER mean {np.mean(two):.3f}, worst {max(two):.3f}")
+    scored = [r for r in results if r[1] != "close"]
+    exact = sum(r[4] == r[5] for r in scored)
+    two = [r[3] for r in scored if r[1] == "two"]
+    three = [f"{r[3]:.3f} ({r[4]} spk, {r[2]:.0f} s)" for r in scored if r[1] == "three"]
+    close = [f"{r[3]:.3f} ({r[4]} spk, {r[2]:.0f} s)" for r in results if r[1] == "close"]
+    print(f"\nexact speaker count {exact}/{len(scored)} ({exact / max(len(scored), 1):.0%}); two-voice whole-file DER mean "
+          f"{np.mean(two):.3f}, worst {max(two):.3f}; three-voice DER {', '.join(three)}"
+          + (f"; close third voice (not counted): {', '.join(close)}" if close else ""))
+
+
+def voice_distances(voices: list[str]):
+    """Mean cosine distance between resemblyzer utterance embeddings: a voice with itself on
+    different sentences (diagonal), two voices on different sentences (off the diagonal)."""
+    from conftest_audio import speak
+    from resemblyzer import VoiceEncoder, preprocess_wav
+
+    enc = VoiceEncoder(device="cpu", verbose=False)
+    lines = [t for _, t in SCRIPT + SCRIPT_THREE]
+    E = {v: np.stack([enc.embed_utterance(preprocess_wav(speak(t, v), 16000)) for t in lines]) for v in voices}
+    h = len(lines) // 2
+
+    def dist(a, b):
+        if a == b:
+            return float((1 - E[a] @ E[a].T)[np.triu_indices(len(lines), 1)].mean())
+        return float(((1 - E[a][:h] @ E[b][h:].T).mean() + (1 - E[a][h:] @ E[b][:h].T).mean()) / 2)
+
+    print("resemblyzer cosine distance, mean over sentence pairs (diagonal: one voice, different sentences)")
+    print(" " * 24 + " ".join(f"{i:>5d}" for i in range(len(voices))))
+    for i, a in enumerate(voices):
+        print(f"{i:2d} {a:20s} " + " ".join(f"{dist(a, b):5.2f}" for b in voices))
+
+
+VOICES = ("en-us+m3", "en+f4", "en-gb-scotland+m1", "en+m8", "en-us", "en-us+f2", "en+m1", "en+m7", "en-gb+m2", "en+klatt",
+          "en+f2", "en+f3", "en-us+Storm", "en+Andy", "en+boris")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--long", action="store_true", help="chunked long recordings scored as whole files")
-    ap.add_argument("--chunk-seconds", default="30,60,120", help="with --long: chunk sizes to compare")
+    ap.add_argument("--quick-long", action="store_true",
+                    help="--long on fewer rows: the 20-min recordings at 300 s chunks, two re-encoded copies")
+    ap.add_argument("--chunk-seconds", default="120,300,600", help="with --long: chunk sizes for the 20-min recordings")
+    ap.add_argument("--reencode-chunk", type=float, default=60.0, help="with --long: chunk size for pyannote's sample x4 and its copies")
+    ap.add_argument("--cache", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "csm-bench-diarize"),
+                    help="with --long: where chunk diarizations are kept between runs")
+    ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--reencode-three", action="store_true",
+                    help="with --long: also the 20-min three-voice recording's six re-encoded copies at 300 s (2 h of audio)")
+    ap.add_argument("--voices", nargs="?", const=",".join(VOICES), help="resemblyzer distances between espeak-ng voices")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    if args.long:
-        return main_long([float(x) for x in args.chunk_seconds.split(",")])
+    if args.voices:
+        return voice_distances(args.voices.split(","))
+    if args.long or args.quick_long:
+        sizes = [300.0] if args.quick_long else [float(x) for x in args.chunk_seconds.split(",")]
+        return main_long(sizes, args.reencode_chunk, args.quick_long, None if args.no_cache else Path(args.cache),
+                         args.reencode_three)
     data = datasets()
     base = DiarizeConfig()
     thresholds = [base.threshold] if args.quick else [0.35, 0.4, 0.44, 0.46, 0.48, 0.5, 0.52, 0.6]

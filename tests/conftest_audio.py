@@ -124,7 +124,13 @@ def energy_regions(x: np.ndarray, frame: float = 0.02, min_gap: float = 0.3, rel
     return [(round(s, 3), round(t, 3)) for s, t in regions]
 
 
-VOICE_C = "en-gb-scotland+m1"  # a third voice for three-person conversations
+# Third voices. Measured with resemblyzer (bench/bench_diarize.py --voices: mean cosine distance
+# between utterance embeddings of different sentences, 16 lines a voice): one voice with itself
+# 0.09-0.12; VOICE_A-VOICE_B 0.41; VOICE_C-VOICE_A 0.17 (also en-us, en+m1, en-gb+m2, en+grandpa:
+# 0.17-0.19 from VOICE_A), so VOICE_C is a "close voices" case, not a distinct third person;
+# VOICE_D-VOICE_A 0.35, VOICE_D-VOICE_B 0.47 (with en+Andy the farthest from both of 35 en variants).
+VOICE_C = "en-gb-scotland+m1"  # male, close to VOICE_A: the hard three-voice case (bench_asr's third voice)
+VOICE_D = "en+m8"  # male, distinct from VOICE_A and VOICE_B: three distinguishable people
 
 # Three people; plain sentences as above.
 SCRIPT_THREE = [
