@@ -74,8 +74,9 @@ def resemblyzer_embedding_model(weights: str | None = None):
         def dimension(self) -> int:
             return int(self.encoder.linear.out_features)
 
-        def _partials(self, wav: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
-            """Mel frames of the masked speech cut into 1.6 s partials ([n, 160, 40]) or None."""
+        def _partials(self, wav: np.ndarray, mask: np.ndarray | None, raw_mel=None) -> np.ndarray | None:
+            """Mel frames of the masked speech cut into 1.6 s partials ([n, 160, 40]) or None.
+            `raw_mel()`: the mel spectrogram of `wav` as it is, if already computed for it."""
             if mask is not None:
                 # speech samples of this local speaker, for resemblyzer's volume normalisation
                 idx = np.minimum((np.arange(len(wav)) * len(mask)) // len(wav), len(mask) - 1)
@@ -88,7 +89,8 @@ def resemblyzer_embedding_model(weights: str | None = None):
             if rms <= 1e-8:
                 return None
             gain = 10 ** (audio_norm_target_dBFS / 20) / rms
-            mel = wav_to_mel_spectrogram((wav * gain).astype(np.float32))  # [frames, 40]
+            # A power mel spectrogram scales with gain squared: one per window, whichever speaker's gain.
+            mel = (raw_mel() if raw_mel else wav_to_mel_spectrogram(wav)) * np.float32(gain * gain)  # [frames, 40]
             if mask is not None:
                 fidx = np.minimum((np.arange(len(mel)) * len(mask)) // len(mel), len(mask) - 1)
                 mel = mel[mask[fidx] > 0.5]
@@ -106,7 +108,20 @@ def resemblyzer_embedding_model(weights: str | None = None):
         def forward(self, waveforms: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
             wavs = waveforms[:, 0].detach().cpu().numpy()
             masks = None if weights is None else weights.detach().cpu().numpy()
-            parts = [self._partials(w, None if masks is None else masks[i]) for i, w in enumerate(wavs)]
+            # pyannote sends each window once per local speaker: the mel is computed once per window
+            # (a third of the diarizer's CPU was mel spectrograms, mostly of the same audio).
+            cache: dict[int, np.ndarray] = {}
+
+            def raw_mel(i: int):
+                first = i
+                while first > 0 and np.array_equal(wavs[first - 1], wavs[i]):
+                    first -= 1
+                if first not in cache:
+                    cache.clear()
+                    cache[first] = wav_to_mel_spectrogram(wavs[first])
+                return cache[first]
+
+            parts = [self._partials(w, None if masks is None else masks[i], lambda i=i: raw_mel(i)) for i, w in enumerate(wavs)]
             out = torch.full((len(wavs), self.dimension), float("nan"), device=waveforms.device)
             if not any(p is not None for p in parts):
                 return out

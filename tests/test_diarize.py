@@ -314,3 +314,25 @@ def test_missing_hub_pipeline_names_the_config_key(monkeypatch):
     stage = DiarizeStage(DiarizeConfig(pipeline=str(Path("/nonexistent/pipeline-dir"))))
     with pytest.raises(PipelineUnavailable, match="diarize.pipeline"):
         stage.setup()
+
+
+def test_one_mel_per_window_gives_each_speakers_own_embedding(sample_wav):
+    """pyannote sends a window once per local speaker; the encoder computes its mel once and
+    scales it per speaker. Each row must equal that (window, mask) embedded on its own."""
+    import soundfile as sf
+    import torch
+
+    from stages.diarizer import default_encoder_path, resemblyzer_embedding_model
+
+    model = resemblyzer_embedding_model(default_encoder_path()).eval()
+    audio, _ = sf.read(sample_wav, dtype="float32")
+    wins = [audio[s * 16000 : s * 16000 + 80000] for s in (7, 20)]
+    wavs = torch.from_numpy(np.stack([wins[0]] * 3 + [wins[1]] * 3))[:, None]
+    masks = torch.from_numpy((np.random.default_rng(0).random((6, 293)) > 0.4).astype(np.float32))
+    masks[2] = 0  # a silent local speaker: no embedding
+    together = model(wavs, masks)
+    alone = torch.cat([model(wavs[i : i + 1], masks[i : i + 1]) for i in range(6)])
+    assert torch.isnan(together[2]).all() and torch.isnan(alone[2]).all()
+    keep = [0, 1, 3, 4, 5]
+    torch.testing.assert_close(together[keep], alone[keep], atol=1e-5, rtol=0)
+    assert (together[0] - together[3]).abs().max() > 1e-2  # two windows, two embeddings
