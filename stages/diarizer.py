@@ -109,7 +109,7 @@ def resemblyzer_embedding_model(weights: str | None = None):
             wavs = waveforms[:, 0].detach().cpu().numpy()
             masks = None if weights is None else weights.detach().cpu().numpy()
             # pyannote sends each window once per local speaker: the mel is computed once per window
-            # (a third of the diarizer's CPU was mel spectrograms, mostly of the same audio).
+            # (106 instead of 181 mel spectrograms on a 120 s chunk).
             cache: dict[int, np.ndarray] = {}
 
             def raw_mel(i: int):
