@@ -145,6 +145,16 @@ def segmentation(device: str, batches: list[int], sync) -> None:
             f"{num(b / dt)} windows/s at step {step}", "offline diarizer's model (whisperx checkpoint)")
 
 
+def embedding_rows(section: str, label: str, model, seconds: float, batches: list[int], device: str, sync,
+                   note: str, **timing) -> None:
+    """Rows of a speaker-embedding model's throughput, one per batch size, on `seconds`-long clips."""
+    import torch
+
+    audio = torch.from_numpy(speech(16000, seconds * 4))
+    for b, dt in timed_batches(model, audio, seconds, batches, device, sync, **timing):
+        row(section, f"{label} batch {b} x {seconds:g} s", f"{num(b / dt)} embeddings/s", f"{num(b * seconds / dt)}x real time", note)
+
+
 @guarded("pyannote embedding")
 def embedding(device: str, batches: list[int], seconds: float, sync) -> None:
     import torch
@@ -152,27 +162,21 @@ def embedding(device: str, batches: list[int], seconds: float, sync) -> None:
 
     torch.manual_seed(0)
     model = WeSpeakerResNet34().to(device).eval()  # hub weights are gated: random init, same cost
-    audio = torch.from_numpy(speech(16000, seconds * 4))
-    for b, dt in timed_batches(model, audio, seconds, batches, device, sync, repeat=3):
-        row("pyannote embedding", f"WeSpeaker ResNet34 fp32 batch {b} x {seconds:g} s", f"{num(b / dt)} embeddings/s",
-            f"{num(b * seconds / dt)}x real time", "community pipeline's architecture, random init")
+    embedding_rows("pyannote embedding", "WeSpeaker ResNet34 fp32", model, seconds, batches, device, sync,
+                   "community pipeline's architecture, random init", repeat=3)
 
 
 @guarded("resemblyzer embedding")
 def resemblyzer(device: str, batches: list[int], seconds: float, sync) -> None:
     import importlib.util
 
-    import torch
-
     if importlib.util.find_spec("resemblyzer") is None or importlib.util.find_spec("librosa") is None:
         raise ModuleNotFoundError("resemblyzer/librosa not installed (librosa needs numba + llvmlite, ~45 MB: over the 64 MiB budget)")
     from stages.diarizer import default_encoder_path, resemblyzer_embedding_model
 
     model = resemblyzer_embedding_model(default_encoder_path()).to(device).eval()
-    audio = torch.from_numpy(speech(16000, seconds * 4))
-    for b, dt in timed_batches(model, audio, seconds, batches, device, sync):
-        row("resemblyzer embedding", f"GE2E batch {b} x {seconds:g} s", f"{num(b / dt)} embeddings/s",
-            f"{num(b * seconds / dt)}x real time", "offline diarizer's encoder; mel on CPU (librosa)")
+    embedding_rows("resemblyzer embedding", "GE2E", model, seconds, batches, device, sync,
+                   "offline diarizer's encoder; mel on CPU (librosa)")
 
 
 @guarded("trainer")
