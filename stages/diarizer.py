@@ -74,9 +74,9 @@ def resemblyzer_embedding_model(weights: str | None = None):
         def dimension(self) -> int:
             return int(self.encoder.linear.out_features)
 
-        def _partials(self, wav: np.ndarray, mask: np.ndarray | None, raw_mel=None) -> np.ndarray | None:
+        def _partials(self, wav: np.ndarray, mask: np.ndarray | None, raw_mel) -> np.ndarray | None:
             """Mel frames of the masked speech cut into 1.6 s partials ([n, 160, 40]) or None.
-            `raw_mel()`: the mel spectrogram of `wav` as it is, if already computed for it."""
+            `raw_mel()`: the mel spectrogram of `wav` as it is (computed once per window)."""
             if mask is not None:
                 # speech samples of this local speaker, for resemblyzer's volume normalisation
                 idx = np.minimum((np.arange(len(wav)) * len(mask)) // len(wav), len(mask) - 1)
@@ -90,7 +90,7 @@ def resemblyzer_embedding_model(weights: str | None = None):
                 return None
             gain = 10 ** (audio_norm_target_dBFS / 20) / rms
             # A power mel spectrogram scales with gain squared: one per window, whichever speaker's gain.
-            mel = (raw_mel() if raw_mel else wav_to_mel_spectrogram(wav)) * np.float32(gain * gain)  # [frames, 40]
+            mel = raw_mel() * np.float32(gain * gain)  # [frames, 40]
             if mask is not None:
                 fidx = np.minimum((np.arange(len(mel)) * len(mask)) // len(mel), len(mask) - 1)
                 mel = mel[mask[fidx] > 0.5]
@@ -110,16 +110,16 @@ def resemblyzer_embedding_model(weights: str | None = None):
             masks = None if weights is None else weights.detach().cpu().numpy()
             # pyannote sends each window once per local speaker: the mel is computed once per window
             # (106 instead of 181 mel spectrograms on a 120 s chunk).
-            cache: dict[int, np.ndarray] = {}
+            window = list(range(len(wavs)))  # row -> the first row holding the same waveform
+            for i in range(1, len(wavs)):
+                if np.array_equal(wavs[i], wavs[i - 1]):
+                    window[i] = window[i - 1]
+            mels: dict[int, np.ndarray] = {}
 
-            def raw_mel(i: int):
-                first = i
-                while first > 0 and np.array_equal(wavs[first - 1], wavs[i]):
-                    first -= 1
-                if first not in cache:
-                    cache.clear()
-                    cache[first] = wav_to_mel_spectrogram(wavs[first])
-                return cache[first]
+            def raw_mel(i: int) -> np.ndarray:
+                if window[i] not in mels:
+                    mels[window[i]] = wav_to_mel_spectrogram(wavs[window[i]])
+                return mels[window[i]]
 
             parts = [self._partials(w, None if masks is None else masks[i], lambda i=i: raw_mel(i)) for i, w in enumerate(wavs)]
             out = torch.full((len(wavs), self.dimension), float("nan"), device=waveforms.device)
