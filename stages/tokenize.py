@@ -22,6 +22,10 @@ from stages.records import CODEC_RATE, Chunk
 log = logging.getLogger(__name__)
 FRAME_SAMPLES = 1920  # 24 kHz / 12.5 Hz
 RANDOM_SEED = 1234
+# moshi.models.loaders' DEFAULT_REPO and MIMI_NAME (tests/test_models.py checks they agree), named
+# here so that preflight, in the driver, does not import moshi and torch: 1.1 s before Ray starts.
+MIMI_REPO = "kyutai/moshiko-pytorch-bf16"
+MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 
 
 class CodecUnavailable(RuntimeError):
@@ -62,7 +66,7 @@ def load_mimi(config: TokenizeConfig, device: str):
     path, error = config.weights, None
     if path is None:
         try:
-            path = hub_file(loaders.DEFAULT_REPO, loaders.MIMI_NAME)
+            path = hub_file(MIMI_REPO, MIMI_FILE)
         except Exception as exc:  # offline, gated, no network
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if path is not None:
@@ -70,7 +74,7 @@ def load_mimi(config: TokenizeConfig, device: str):
         return model.eval(), {"weights": str(path), "released": True}
     if not config.allow_unreleased:
         raise CodecUnavailable(
-            f"Mimi weights not found ({loaders.DEFAULT_REPO}/{loaders.MIMI_NAME}: {error}). "
+            f"Mimi weights not found ({MIMI_REPO}/{MIMI_FILE}: {error}). "
             "Set tokenize.weights to a local copy of the file, or tokenize.allow_unreleased=true "
             "to use a randomly initialised Mimi (codes only fit for testing the plumbing)."
         )
@@ -193,15 +197,13 @@ class TokenizeStage(Stage):
         return Resources(cpus=c.cpus, gpus=c.gpus, actors=c.actors, memory_gb=c.memory_gb, uses_model=True)
 
     def preflight(self) -> None:
-        from moshi.models import loaders
-
         c = self.config
         if c.weights is not None:
             if "://" not in c.weights and not os.path.isfile(c.weights):
-                raise ConfigError(f"tokenize.weights: {c.weights} is not a file (the Mimi safetensors, {loaders.MIMI_NAME})")
-        elif not hub_available(loaders.DEFAULT_REPO, loaders.MIMI_NAME) and not c.allow_unreleased:
+                raise ConfigError(f"tokenize.weights: {c.weights} is not a file (the Mimi safetensors, {MIMI_FILE})")
+        elif not hub_available(MIMI_REPO, MIMI_FILE) and not c.allow_unreleased:
             raise ConfigError(
-                f"tokenize.weights: the released Mimi weights ({loaders.DEFAULT_REPO}/{loaders.MIMI_NAME}) are not cached "
+                f"tokenize.weights: the released Mimi weights ({MIMI_REPO}/{MIMI_FILE}) are not cached "
                 "and the hub is unreachable: set tokenize.weights to a local copy of the file, or "
                 "tokenize.allow_unreleased=true for a randomly initialised Mimi (codes only fit for testing the plumbing)")
 

@@ -65,9 +65,9 @@ class VadStage(Stage):
         self.model = load_silero_vad(onnx=True)
 
     def describe(self) -> dict:
-        import silero_vad
+        from importlib.metadata import version  # not `import silero_vad`: it imports torch, in the driver too
 
-        return {"name": "silero-vad", "version": getattr(silero_vad, "__version__", "6.2"), "runtime": "onnx",
+        return {"name": "silero-vad", "version": version("silero-vad"), "runtime": "onnx",
                 "threshold": self.config.threshold}
 
     def process(self, chunk: Chunk) -> Chunk:

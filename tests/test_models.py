@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stages.decode import DecodeConfig, decode_chunks
-from stages.tokenize import CodecUnavailable, TokenizeConfig, encode_batch, load_mimi, use_whole_clip_encoder
+from stages.tokenize import MIMI_FILE, MIMI_REPO, CodecUnavailable, TokenizeConfig, encode_batch, load_mimi, use_whole_clip_encoder
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,12 @@ def test_vad_regions_match_reference_speech(sample_chunk, sample_rttm):
 def mimi():
     model, identity = load_mimi(TokenizeConfig(allow_unreleased=True), "cpu")
     return model, identity
+
+
+def test_mimi_hub_names_are_moshis():
+    from moshi.models import loaders
+
+    assert (MIMI_REPO, MIMI_FILE) == (loaders.DEFAULT_REPO, loaders.MIMI_NAME)
 
 
 def test_unreleased_mimi_is_refused_unless_allowed():
