@@ -6,6 +6,8 @@ plus the channel-attribution path on a two-channel call, with seconds per minute
     python bench/bench_diarize.py --quick    # only the default setting
     python bench/bench_diarize.py --long [--chunk-seconds 120,300,600] [--reencode-chunk 60]
     python bench/bench_diarize.py --quick-long   # the 20-min recordings at 300 s, two re-encoded copies
+    python bench/bench_diarize.py --steps 0.2,0.3,0.4   # the default clustering at each segmentation step
+    python bench/bench_diarize.py --long --chunk-seconds 120 --steps 0.2,0.4   # the long protocol once per step
     python bench/bench_diarize.py --voices [V1,V2,...]   # resemblyzer distances between espeak-ng voices
 
 --long: recordings of several chunks, diarized as the pipeline does (chunk by chunk, then the
@@ -51,6 +53,17 @@ Opus 0.027, mu-law 0.001, 90 s leading silence 0.018, clipped 0.014 (19/19 exact
 diarizer inside each chunk (0.17 apart, as close as sentences of one voice are to each other), so
 linking cannot part them; no threshold change was made for it (the diarizer's 0.46 already sits
 at the edge where pyannote's two telephone voices merge).
+
+--steps (segmentation step, default clustering; short sets: sample / sample-x4 DER and speakers,
+the five synthetic sets 0.001-0.015 at 0.2-0.4; long: `--long --chunk-seconds 120`, 9 rows):
+step 0.2: 0.029 2 / 0.095 3, short mean 0.024; long 9/9 exact, two-voice mean 0.029 worst 0.068, 4.1 CPU-s/min;
+step 0.3: 0.084 3 / 0.101 3, mean 0.032; long 9/9, 0.029 / 0.064, 2.8 CPU-s/min;
+step 0.4: 0.289 5 / 0.289 5, mean 0.089; long 9/9, 0.037 / 0.064, 2.2 CPU-s/min;
+step 0.5: 0.263 4 / 0.346 5 (synth 0.127 3), mean 0.129; long 9/9, 0.059 / 0.090, 1.8 CPU-s/min.
+Linking (min_speaker_seconds) hides the extra clusters on the long rows, not on the short sets; step
+0.25 is no better (0.161 3 / 0.240 4), nor is a threshold of 0.42-0.50 at 0.3 or 0.4 (the sample
+keeps 3+ speakers). 0.2 stays. Non-overlapping 1.6 s partials (PARTIAL_STEP 160) at 0.2: sample
+0.101 3, about 10 % less CPU: kept at 80.
 """
 
 from __future__ import annotations
@@ -287,24 +300,29 @@ class CachedStage:
         return chunk
 
 
-def main_long(chunk_sizes: list[float], reencode_chunk: float, quick: bool, cache: Path | None, reencode_three: bool = False):
-    """Whole-file scores of chunked diarization, linked and unlinked, per chunk size."""
-    stage = DiarizeStage(DiarizeConfig(cpus=min(2, os.cpu_count() or 1)))
+def main_long(chunk_sizes: list[float], reencode_chunk: float, quick: bool, cache: Path | None, reencode_three: bool = False,
+              step: float | None = None):
+    """Whole-file scores of chunked diarization, linked and unlinked, per chunk size (`step`: the
+    segmentation step instead of the default; the cache key holds it)."""
+    cfg = DiarizeConfig(cpus=min(2, os.cpu_count() or 1))
+    stage = DiarizeStage(cfg if step is None else replace(cfg, segmentation_step=step))
     stage.setup()
     cfg = stage.config
     cached = CachedStage(stage, cache)
-    print(f"whole-file DER / JER (collar 0.25 s), speakers found vs true; diarizer threshold {cfg.threshold}, "
+    print(f"whole-file DER / JER (collar 0.25 s), speakers found vs true; segmentation step {cfg.segmentation_step}, "
+          f"diarizer threshold {cfg.threshold}, "
           f"link threshold {cfg.link_threshold}, min_speaker_seconds {cfg.min_speaker_seconds}, "
           f"min_speaker_share {cfg.min_speaker_share}")
     print(f"{'recording':24s} {'group':5s} {'min':>5s} {'chunk s':>7s} {'chunks':>6s} {'linked DER/JER':>15s} {'spk':>7s} "
           f"{'unlinked DER':>12s} {'spk':>4s} {'cpu s/min':>9s}")
-    results = []
+    results, cpu_total, minutes_total = [], 0.0, 0.0
     for name, group, wav, ref, sizes in long_rows(chunk_sizes, reencode_chunk, quick, reencode_three):
         true_n = len({k for _, _, k in ref})
         for size in sizes:
             c = time.process_time()
             chunks = diarize_chunks(cached, wav, size, rid=name)
             cpu = (time.process_time() - c) / (len(wav) / 16000 / 60)
+            cpu_total, minutes_total = cpu_total + cpu * len(wav) / 16000 / 60, minutes_total + len(wav) / 16000 / 60
             turns, speakers = linked_turns(chunks, cfg)
             der, jer, n = scores(ref, [(t.start, t.end, t.speaker) for t in turns])
             unlinked = [(t.start, t.end, f"{ch.index}:{t.speaker}") for ch in chunks for t in ch.turns]
@@ -319,7 +337,8 @@ def main_long(chunk_sizes: list[float], reencode_chunk: float, quick: bool, cach
     close = [f"{r[3]:.3f} ({r[4]} spk, {r[2]:.0f} s)" for r in results if r[1] == "close"]
     print(f"\nexact speaker count {exact}/{len(scored)} ({exact / max(len(scored), 1):.0%}); two-voice whole-file DER mean "
           f"{np.mean(two):.3f}, worst {max(two):.3f}; three-voice DER {', '.join(three)}"
-          + (f"; close third voice (not counted): {', '.join(close)}" if close else ""))
+          + (f"; close third voice (not counted): {', '.join(close)}" if close else "")
+          + f"; cpu {cpu_total / minutes_total:.2f} s per minute of audio (cached chunks count 0)")
 
 
 def voice_distances(voices: list[str]):
@@ -361,6 +380,8 @@ def main():
     ap.add_argument("--no-cache", action="store_true")
     ap.add_argument("--reencode-three", action="store_true",
                     help="with --long: also the 20-min three-voice recording's six re-encoded copies at 300 s (2 h of audio)")
+    ap.add_argument("--steps", help="segmentation steps, e.g. 0.2,0.3,0.4: the default clustering at each "
+                    "(short sets), or with --long / --quick-long the long protocol once per step")
     ap.add_argument("--voices", nargs="?", const=",".join(VOICES), help="resemblyzer distances between espeak-ng voices")
     args = ap.parse_args()
 
@@ -369,10 +390,13 @@ def main():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.voices:
         return voice_distances(args.voices.split(","))
+    steps = [float(x) for x in args.steps.split(",")] if args.steps else [None]
     if args.long or args.quick_long:
         sizes = [300.0] if args.quick_long else [float(x) for x in args.chunk_seconds.split(",")]
-        return main_long(sizes, args.reencode_chunk, args.quick_long, None if args.no_cache else Path(args.cache),
-                         args.reencode_three)
+        for step in steps:
+            main_long(sizes, args.reencode_chunk, args.quick_long, None if args.no_cache else Path(args.cache),
+                      args.reencode_three, step)
+        return
     data = datasets()
     base = DiarizeConfig()
     thresholds = [base.threshold] if args.quick else [0.35, 0.4, 0.44, 0.46, 0.48, 0.5, 0.52, 0.6]
@@ -382,6 +406,9 @@ def main():
     front_ends = [(base.segmentation_step, base.embedding_exclude_overlap, base.segmentation_threshold)]
     if not args.quick:
         front_ends = [(0.2, False, 0.5), (0.1, False, 0.5), (0.1, True, 0.5), (0.1, False, 0.4), (0.2, True, 0.5)]
+    if args.steps:  # the default clustering and front end, at each segmentation step
+        thresholds, cluster_sizes = [base.threshold], [base.min_cluster_size]
+        front_ends = [(s, base.embedding_exclude_overlap, base.segmentation_threshold) for s in steps]
 
     mode, (der, jer, n), el, dur = channel_call()
     print(f"channel attribution (auto -> {mode}) on a two-channel call: DER {der:.3f} JER {jer:.3f} "
