@@ -62,7 +62,10 @@ step 0.4: 0.289 5 / 0.289 5, mean 0.089; long 9/9, 0.037 / 0.064, 2.2 CPU-s/min;
 step 0.5: 0.263 4 / 0.346 5 (synth 0.127 3), mean 0.129; long 9/9, 0.059 / 0.090, 1.8 CPU-s/min.
 Linking (min_speaker_seconds) hides the extra clusters on the long rows, not on the short sets; step
 0.25 is no better (0.161 3 / 0.240 4), nor is a threshold of 0.42-0.50 at 0.3 or 0.4 (the sample
-keeps 3+ speakers). 0.2 stays. Non-overlapping 1.6 s partials (PARTIAL_STEP 160) at 0.2: sample
+keeps 3+ speakers). Diarized as the pipeline does (one 120 s chunk per short set, linked, small
+speakers folded), 0.3 gives 2 speakers everywhere (sample 0.032, sample x4 0.018 against 0.029 and
+0.012) at 35 % less CPU, but only the source's speaker map folds the sample's third cluster: the
+utterances are formed on chunk labels, and are cut at its turns. 0.2 stays. Non-overlapping 1.6 s partials (PARTIAL_STEP 160) at 0.2: sample
 0.101 3, about 10 % less CPU: kept at 80.
 """
 
