@@ -40,7 +40,9 @@ class DiarizeConfig:
     pipeline: str | None = None
     # Offline diarizer, tuned with bench/bench_diarize.py on pyannote's sample (telephone, 30 s and
     # repeated to 2 min) and synthetic two-voice conversations (30 s, 2 min). `threshold` is the
-    # cosine distance at which centroid linkage stops merging: 0.46-0.48 is right on every set;
+    # distance at which centroid linkage stops merging, Euclidean between unit-normalised
+    # embeddings (pyannote's AgglomerativeClustering; sqrt(2 x cosine distance) for two single
+    # embeddings, so 0.46 is a cosine distance of about 0.11). 0.46-0.48 is right on every set;
     # 0.44 splits a synthetic voice, 0.50 merges the 2-min sample's two telephone voices (0.52 on
     # 30 s). 0.46: longer audio moved the merge edge down, not the split edge.
     threshold: float = 0.46
@@ -93,7 +95,7 @@ class DiarizeConfig:
     memory_gb: float = 0.6  # pyannote + resemblyzer loaded, a chunk's embeddings: 0.6 GB measured
 
     def __post_init__(self):
-        require_between(self, 0.0, 2.0, "threshold")  # a cosine distance
+        require_between(self, 0.0, 2.0, "threshold")  # Euclidean between unit vectors: at most 2
         require_between(self, 0.0, 1.0, "segmentation_threshold", "max_channel_overlap", "max_channel_correlation")
         require(0 < self.segmentation_step <= 1, "segmentation_step", f"must be in (0, 1], got {self.segmentation_step}")
         require(0.0 < self.link_threshold <= 2.0, "link_threshold", f"must be in (0, 2], got {self.link_threshold}")
