@@ -140,7 +140,7 @@ def test_trainer_corpus_speaker_ids_give_one_voice_one_id_across_files(tmp_path)
 
     from stages.speakers import write_corpus_map
     from train.config import DataConfig
-    from train.data import SampleDecoder
+    from train.data import SampleDecoder, preflight
     from train.testing import make_shards, tiny_tokenizer
 
     A, B, _ = _voices()
@@ -168,7 +168,12 @@ def test_trainer_corpus_speaker_ids_give_one_voice_one_id_across_files(tmp_path)
 
     with pytest.raises(FileNotFoundError, match="data.speaker_ids=corpus.*speaker_map.parquet.*link-speakers"):
         ids("corpus")
+    # ... and before training starts: the trainer's preflight reads each shard's first sample
+    with pytest.raises(FileNotFoundError, match="data.speaker_ids=corpus.*speaker_map.parquet"):
+        preflight(urls, True, 32, 2051, speaker_ids="corpus")
+    preflight(urls, True, 32, 2051)  # the other numberings need no map
     write_corpus_map(out, THRESHOLD)
+    preflight(urls, True, 32, 2051, speaker_ids="corpus")
     got = ids("corpus")
     assert all(len(v) == 1 for v in got.values())  # one id per source speaker in every sample
     assert got[("0000000000", "SPEAKER_00")] == got[("0000000001", "SPEAKER_01")]  # voice A in both files

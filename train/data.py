@@ -113,9 +113,11 @@ def check_codec(sample: Sample, allow_unreleased: bool, where: str) -> None:
         raise ValueError(UNRELEASED_MSG.format(where=where, weights=sample.codec.get("weights")))
 
 
-def preflight(shards: list[str], allow_unreleased: bool, num_codebooks: int, audio_vocab_size: int) -> None:
+def preflight(shards: list[str], allow_unreleased: bool, num_codebooks: int, audio_vocab_size: int,
+              speaker_ids: str = "index") -> None:
     """Read the first sample's json of each shard, so a bad corpus (or a model that cannot hold its
-    codes) fails before training starts."""
+    codes, or `speaker_ids: corpus` without a corpus speaker map) fails before training starts."""
+    labels, corpus = SpeakerLabels(), CorpusSpeakers() if speaker_ids == "corpus" else None
     for shard in shards:
         with tarfile.open(shard) as tar:
             member = next((m for m in tar if m.name.endswith(f".{JSON}")), None)
@@ -123,6 +125,8 @@ def preflight(shards: list[str], allow_unreleased: bool, num_codebooks: int, aud
                 continue
             sample = Sample.from_json(tar.extractfile(member).read())
             check_codec(sample, allow_unreleased, shard)
+            if corpus is not None:
+                corpus.apply(labels.apply(sample, shard), shard)
             have = int(sample.codec.get("num_codebooks", num_codebooks))
             if have < num_codebooks:
                 raise ValueError(f"model.num_codebooks={num_codebooks} but shard {shard} holds {have} codebooks "

@@ -245,7 +245,7 @@ def run(cfg: Config, shards_dir: str, run_dir: str, max_steps: int | None = None
     cfg = dataclasses.replace(cfg, model=model_config(cfg.model, tokenizer))  # what config.json and checkpoints record
     train_urls, eval_urls = data.list_shards(shards_dir, cfg.data.eval_fraction)
     data.preflight(train_urls + eval_urls, cfg.data.allow_unreleased_codec, cfg.model.num_codebooks,
-                   cfg.model.audio_vocab_size)
+                   cfg.model.audio_vocab_size, cfg.data.speaker_ids)
 
     model = build_parallel_model(cfg, tokenizer, d)
     optimizer, scheduler = build_optimizer(model, cfg.train)
