@@ -28,9 +28,10 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.corpus_format import CODES, CORPUS_MAP, SPEAKERS_DIR, OutputDir, manifest_schema, parquet_bytes
+from stages.corpus_format import (CODES, CORPUS_MAP, SPEAKERS_DIR, TRAIN_SPLIT, VAL_SPLIT, OutputDir, manifest_schema,
+                                  parquet_bytes)
 
-SPLITS = ("train", "val")
+SPLITS = (TRAIN_SPLIT, VAL_SPLIT)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -174,7 +175,7 @@ def pack(corpus: str, output: str, shard_size: int, val_fraction: float, seed: i
                                "duplicates": len(duplicates), "splits": {}}
     for split in SPLITS:
         dst.fs.create_dir(dst.path(split), recursive=True)
-        part = [p for p in kept if (p.source_id in held) == (split == "val")]
+        part = [p for p in kept if (p.source_id in held) == (split == VAL_SPLIT)]
         index, manifest = [], []
         for i, shard in enumerate(plan_shards(part, shard_size, seed)):
             name = f"shard-{i:06d}.tar"

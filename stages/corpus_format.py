@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 SUBDIRS = ("shards", "manifest", "rejected", "errors", "chunks", "speakers")
 CONFIG_FILE, RUN_FILE = "config.json", "run.json"
+# `pipeline pack` output: DIR/train/*.tar, and DIR/val/*.tar holding whole held-out sources.
+TRAIN_SPLIT, VAL_SPLIT = "train", "val"
 # A sample's tar members are KEY.<suffix>; WebDataset hands them over under the suffix.
 JSON, CODES, AUDIO = "json", "codes.npy", "flac"
 

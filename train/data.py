@@ -22,7 +22,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from stages.corpus_format import CODES, JSON, CorpusSpeakers, Sample, SpeakerLabels
+from stages.corpus_format import CODES, JSON, TRAIN_SPLIT, VAL_SPLIT, CorpusSpeakers, Sample, SpeakerLabels
 from train.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,9 @@ def list_shards(shards_dir: str | Path, eval_fraction: float) -> tuple[list[str]
     """(train, eval) shards, split by source: a source whose hash falls under `eval_fraction` is held
     out whole (at least one source when the fraction is positive), so no source is in both splits
     and adding sources never moves an existing one."""
-    packed = Path(shards_dir) / "train"
+    packed = Path(shards_dir) / TRAIN_SPLIT
     if packed.is_dir():  # `pipeline pack` output: its val/ split already holds whole sources
-        val = sorted(str(p) for p in (Path(shards_dir) / "val").glob("*.tar")) if eval_fraction else []
+        val = sorted(str(p) for p in (Path(shards_dir) / VAL_SPLIT).glob("*.tar")) if eval_fraction else []
         return sorted(str(p) for p in packed.glob("*.tar")), val
     shards = sorted(str(p) for p in (Path(shards_dir) / "shards").glob("*.tar"))
     if not shards:
