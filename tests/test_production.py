@@ -42,6 +42,19 @@ def test_missing_weights_fail_before_any_worker_naming_the_key(clips, tmp_path):
     assert not out.exists()  # refused before the corpus directory, Ray or any worker
 
 
+def test_the_driver_checks_and_describes_stages_without_loading_a_model_library(tmp_path):
+    """preflight() and describe() run in the driver: importing torch there cost 1.1 s on one core before Ray started."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.config import load_config; from stages.chain import build_source, build_stages; "
+            f"c = load_config([], ['tokenize.allow_unreleased=true'], {{'write': {{'output': {str(tmp_path)!r}}}}}); "
+            "[(s.preflight(), s.describe()) for s in [build_source(c), *build_stages(c)]]; "
+            "print(sorted(m for m in ('torch', 'moshi', 'pyannote.audio', 'whisperx', 'silero_vad') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("setting, key", [("decode.chunk_seconds=-5", "decode.chunk_seconds"),
                                           ("tokenize.num_codebooks=0", "tokenize.num_codebooks"),
                                           ("filters.disable=[no_such_filter]", "filters.disable")])
