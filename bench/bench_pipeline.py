@@ -69,7 +69,10 @@ def run_pipeline(inputs: list[Path], out: Path, sets: list[str] = ()) -> dict:
         raise RuntimeError(log.read_text()[-3000:])
     wall, busy = time.time() - t0, machine_busy_seconds() - busy
     run = json.loads((out / "run.json").read_text())
-    return {"wall": wall, "busy": busy, "run": run, "rss": rss}
+    # When each chunk's commit record was written, from the command's start: the first shows the
+    # start-up (Ray, the workers' imports, one chunk's work), the gaps between the last ones the tail.
+    commits = sorted(p.stat().st_mtime - t0 for p in (out / "chunks").glob("*.json"))
+    return {"wall": wall, "busy": busy, "run": run, "rss": rss, "commits": commits}
 
 
 def run_baseline(inputs: list[Path], out: Path, plain: bool = False) -> dict:
@@ -114,7 +117,10 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(out)])
         results[n] = run_pipeline(inputs(n), out, args.set)
         r = results[n]["run"]
-        print(f"[{n} inputs] {r['audio_hours'] * 3600:.0f} s audio in {results[n]['wall']:.1f} s", file=sys.stderr)
+        commits = results[n]["commits"]
+        print(f"[{n} inputs] {r['audio_hours'] * 3600:.0f} s audio in {results[n]['wall']:.1f} s; chunk commits at "
+              f"{commits[0]:.1f} s (first) ... {', '.join(f'{t:.1f}' for t in commits[-cores:])} s (last {cores})",
+              file=sys.stderr)
 
     rows = []
     for n, res in results.items():
