@@ -76,7 +76,7 @@ def held_out_loss(loaded: generate.Loaded, run_cfg: Config, urls: list[str], how
 
     model, N = loaded.model, loaded.model.N
     try:
-        data.preflight(urls, loaded.allow_unreleased_codec, N, model.V)
+        data.preflight(urls, loaded.allow_unreleased_codec, N, model.V, run_cfg.data.speaker_ids)
     except ValueError as e:
         return skipped(str(e))
     device = next(model.parameters()).device
