@@ -2,7 +2,9 @@
 
 The file is decoded once and each decoded frame is fed to one resampler per rate, so no
 whole-file array exists at either rate: memory is bounded by `chunk_seconds`. Chunks are cut at
-the quietest point near the boundary so an utterance is rarely split.
+the quietest point near the boundary so an utterance is rarely split. Toward the end of a long
+recording chunks get shorter (`taper_chunks`), so that a run does not end with one core working
+through a full chunk while the others wait.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ class DecodeConfig:
     # --shape podcasts; speaker DER by chunk size: bench/bench_diarize.py --long.
     chunk_seconds: float = 120.0
     cut_search_seconds: float = 5.0  # look back this far from the boundary for a quiet point
+    # In the last taper_chunks x chunk_seconds of a recording at least twice that long (by its
+    # header's duration), each chunk is half of what remains, down to a quarter chunk (120 s
+    # chunks: ..., 120, 60, 30, 30). A run's last chunks are then short, and the cores finish
+    # close together. 0: every chunk full length.
+    taper_chunks: int = 2
     max_channels: int = 8  # more than this is not a conversation recording
     max_duration_hours: float = 24.0  # larger inputs are refused (almost certainly a broken stream)
 
@@ -41,6 +48,7 @@ class DecodeConfig:
         require(self.chunk_seconds >= 1, "chunk_seconds", f"must be at least 1 s, got {self.chunk_seconds}")
         require(0 <= self.cut_search_seconds < self.chunk_seconds / 2, "cut_search_seconds",
                 f"must be in [0, chunk_seconds / 2), got {self.cut_search_seconds}")
+        require(self.taper_chunks >= 0, "taper_chunks", f"must be 0 or more, got {self.taper_chunks}")
         require(self.max_channels >= 1, "max_channels", f"must be at least 1, got {self.max_channels}")
         require(self.max_duration_hours > 0, "max_duration_hours", f"must be > 0, got {self.max_duration_hours}")
 
@@ -119,6 +127,13 @@ def decode_chunks(uri: str, config: DecodeConfig) -> Iterator[Chunk]:
         buffers = {rate: _Buffer(channels) for rate in resamplers}
         chunk_len = int(config.chunk_seconds * ANALYSIS_RATE) // _ALIGN * _ALIGN
         search = int(config.cut_search_seconds * ANALYSIS_RATE)
+        taper = config.taper_chunks * chunk_len
+        tapered = bool(taper and estimated and estimated * ANALYSIS_RATE >= 2 * taper)
+
+        def next_length() -> int:
+            left = int(estimated * ANALYSIS_RATE) - offset16 if tapered else chunk_len + taper
+            return chunk_len if left > taper else max(left // 2, chunk_len // 4) // _ALIGN * _ALIGN
+
         pending: Chunk | None = None
         index, offset16 = 0, 0
         warning = None
@@ -137,9 +152,11 @@ def decode_chunks(uri: str, config: DecodeConfig) -> Iterator[Chunk]:
             for frame in container.decode(stream):
                 for rate, r in resamplers.items():
                     buffers[rate].add(r.resample(frame))
-                if buffers[ANALYSIS_RATE].size >= chunk_len + search:
-                    mono = np.concatenate(buffers[ANALYSIS_RATE].blocks, axis=1)[:, :chunk_len].mean(axis=0)
-                    n16 = _quiet_cut(mono, chunk_len - search, chunk_len)
+                n = next_length()
+                reach = min(search, n // 2)
+                if buffers[ANALYSIS_RATE].size >= n + reach:
+                    mono = np.concatenate(buffers[ANALYSIS_RATE].blocks, axis=1)[:, :n].mean(axis=0)
+                    n16 = _quiet_cut(mono, n - reach, n)
                     if pending is not None:
                         yield pending
                     pending = cut(n16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import av
@@ -74,6 +75,33 @@ def test_long_input_is_cut_into_bounded_chunks_at_quiet_points(tmp_path):
         assert (b.offset % 1.5) >= 1.0 - 0.03
     np.testing.assert_allclose(np.concatenate([c.mono16k for c in chunks]), audio, atol=1e-4)
     assert sum(len(c.audio24k) for c in chunks) == len(audio) * CODEC_RATE // rate
+
+
+def test_the_end_of_a_long_recording_is_cut_into_half_chunks(tmp_path):
+    """taper_chunks: in the last 2 x 7 s of a 30 s recording each chunk is at most half of what
+    remains (at least 7 / 4 s), so a run's final chunks are short; a recording under twice that
+    (20 s) is cut as before."""
+    rate = 16000
+    period = np.concatenate([tone(1.0, rate), np.zeros(rate // 2, np.float32)])
+    for seconds, tapered in ((30, True), (20, False)):
+        audio = np.tile(period, seconds * 2 // 3)
+        path = tmp_path / f"{seconds}.wav"
+        sf.write(path, audio, rate)
+        config = DecodeConfig(chunk_seconds=7.0, cut_search_seconds=2.0)
+        chunks = list(decode_chunks(str(path), config))
+        plain = list(decode_chunks(str(path), dataclasses.replace(config, taper_chunks=0)))
+        assert sum(c.audio16k.shape[1] for c in chunks) == len(audio)  # nothing lost or duplicated
+        if not tapered:
+            assert [c.offset for c in chunks] == [c.offset for c in plain]
+            continue
+        assert len(chunks) > len(plain)
+        head = [c for c in chunks if c.offset < seconds - 14.0]
+        tail = [c for c in chunks if c.offset >= seconds - 14.0]
+        assert [c.offset for c in head] == [c.offset for c in plain[: len(head)]]  # full chunks until then
+        assert len(tail) >= 3, [c.duration for c in chunks]
+        assert all(c.duration <= max((seconds - c.offset) / 2, 7.0 / 4) + 1e-6 for c in tail[:-1]), [c.duration for c in chunks]
+        assert tail[-1].duration <= 7.0 / 4 + 2.0, [c.duration for c in chunks]
+        assert all((b.offset % 1.5) >= 1.0 - 0.03 for b in tail)  # still cut in silence
 
 
 @pytest.mark.parametrize(
