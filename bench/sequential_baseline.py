@@ -1,6 +1,6 @@
 """The script a user would write instead of the pipeline: per file, whisperx transcribe (with its own
 VAD), diarize, score each segment with DNSMOS (the pipeline's quality model), encode each segment with Mimi (moshi's own `encode`, as a user calls it; the pipeline
-runs Mimi's encoder through WholeClipEncoder, same codes), write a WebDataset shard. Same models as
+runs Mimi's encoder through WholeClipEncoder, in 1 s tiles on CPU: moshi's codes to float rounding), write a WebDataset shard. Same models as
 the pipeline, all cores to each model in turn. Used by bench_pipeline.py for the side-by-side figure.
 
 --plain: the script most users would write, without a diarization model: a resemblyzer d-vector per

@@ -107,7 +107,7 @@ def init_codebooks(model, seed: int) -> None:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    t = torch.arange(CODEC_RATE * 8) / CODEC_RATE
+    t = torch.arange(CODEC_RATE * 2) / CODEC_RATE  # 25 frames; each worker pays its encode at start-up (8 s: 1 s)
     envelope = (torch.sin(2 * math.pi * 3 * t) > 0).float()  # bursts and pauses, speech-like rhythm
     calib = envelope * (0.3 * torch.sin(2 * math.pi * 150 * t * (1 + t / 2)) + 0.1 * torch.randn(t.shape, generator=g))
     device = next(model.parameters()).device
