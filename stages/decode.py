@@ -31,9 +31,9 @@ class DecodeError(Exception):
 class DecodeConfig:
     # The unit of parallel work (a chunk runs on one worker) and the bound on worker memory; a
     # window never spans two chunks, and speakers are linked across them (stages/speakers.py).
-    # 120 s: a 30-minute podcast is 15 chunks, so every core works until near the end (8.3x real
-    # time, model CPU efficiency 0.84 on 2 cores; 60 s was no faster). bench/bench_pipeline.py
-    # --shape podcasts; speaker DER by chunk size: bench/bench_diarize.py --long.
+    # 120 s: a 30-minute podcast is 14 chunks and 4 tapered ones, so every core works until near
+    # the end (8.8x real time, model CPU efficiency 0.86 on 2 cores; 60 s chunks were no faster).
+    # bench/bench_pipeline.py --shape podcasts; speaker DER by chunk size: bench/bench_diarize.py --long.
     chunk_seconds: float = 120.0
     cut_search_seconds: float = 5.0  # look back this far from the boundary for a quiet point
     # In the last taper_chunks x chunk_seconds of a recording at least twice that long (by its
