@@ -131,8 +131,10 @@ def decode_chunks(uri: str, config: DecodeConfig) -> Iterator[Chunk]:
         tapered = bool(taper and estimated and estimated * ANALYSIS_RATE >= 2 * taper)
 
         def next_length() -> int:
-            left = int(estimated * ANALYSIS_RATE) - offset16 if tapered else chunk_len + taper
-            return chunk_len if left > taper else max(left // 2, chunk_len // 4) // _ALIGN * _ALIGN
+            left = int(estimated * ANALYSIS_RATE) - offset16 if tapered else None
+            if left is None or left > taper:
+                return chunk_len
+            return max(left // 2, chunk_len // 4) // _ALIGN * _ALIGN
 
         pending: Chunk | None = None
         index, offset16 = 0, 0
