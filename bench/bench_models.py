@@ -15,6 +15,7 @@ Inputs are 10 s clips of the embedded conversation, given to Whisper as the pipe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -45,10 +46,11 @@ def timed(fn, sync) -> float:
 
 
 def bench_mimi(device: str, batches: list[int], allow_unreleased: bool, bf16: bool, sync) -> list[list]:
-    from stages.tokenize import TokenizeConfig, encode_batch, load_mimi, use_whole_clip_encoder
+    from stages.tokenize import TokenizeConfig, encode_batch, load_mimi, tile_seconds, use_whole_clip_encoder
 
-    model, identity = load_mimi(TokenizeConfig(allow_unreleased=allow_unreleased), device)
-    model = use_whole_clip_encoder(model)  # as the pipeline runs it
+    config = TokenizeConfig(allow_unreleased=allow_unreleased)
+    model, identity = load_mimi(config, device)
+    model = use_whole_clip_encoder(model, tile_seconds(config, device))  # as the pipeline runs it
     rows = []
     for b in batches:
         batch = clips(24000, b)
@@ -69,7 +71,7 @@ def bench_whisper(device: str, model_name: str, batches: list[int], threads: int
     stage.setup()
     rows = []
     for b in batches:
-        stage.config.batch_size = b
+        stage.config = dataclasses.replace(stage.config, batch_size=b)  # configs are frozen
         batch = clips(16000, b)
         dt = timed(lambda batch=batch: stage.transcribe_audio(batch), sync)
         rows.append(["whisper " + model_name, b, f"{10.0 * b / dt:.0f}", f"{dt:.2f}", stage.compute_type, "", ""])

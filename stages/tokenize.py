@@ -191,6 +191,11 @@ class WholeClipEncoder:
         raise TypeError(f"unexpected layer in Mimi's encoder: {type(layer).__name__}")
 
 
+def tile_seconds(config: TokenizeConfig, device: str) -> float:
+    """The encoder's tile: config.tile_seconds, or by default 1 s on CPU and whole clips (0) on GPU."""
+    return (1.0 if device == "cpu" else 0.0) if config.tile_seconds is None else config.tile_seconds
+
+
 def use_whole_clip_encoder(model, tile_seconds: float | None = None):
     """Put WholeClipEncoder in place of `model.encoder`'s forward (this model instance only), with
     tiles of `tile_seconds` (rounded to whole frames) for longer clips; None or 0: whole clips."""
@@ -240,8 +245,7 @@ class TokenizeStage(Stage):
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         model, self.identity = load_mimi(self.config, self.device)
-        tile = self.config.tile_seconds
-        self.tile_seconds = (1.0 if self.device == "cpu" else 0.0) if tile is None else tile
+        self.tile_seconds = tile_seconds(self.config, self.device)
         self.model = use_whole_clip_encoder(model, self.tile_seconds)
 
     def describe(self) -> dict:
