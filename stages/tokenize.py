@@ -107,7 +107,7 @@ def init_codebooks(model, seed: int) -> None:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    t = torch.arange(CODEC_RATE * 2) / CODEC_RATE  # 25 frames; each worker pays its encode at start-up (8 s: 1 s)
+    t = torch.arange(CODEC_RATE * 2) / CODEC_RATE  # 25 frames: each worker encodes it at start-up (8 s took 1 s)
     envelope = (torch.sin(2 * math.pi * 3 * t) > 0).float()  # bursts and pauses, speech-like rhythm
     calib = envelope * (0.3 * torch.sin(2 * math.pi * 150 * t * (1 + t / 2)) + 0.1 * torch.randn(t.shape, generator=g))
     device = next(model.parameters()).device
@@ -134,8 +134,9 @@ class WholeClipEncoder:
     moshi's StreamingConv1d gives every conv its causal left padding by concatenating a zero state
     onto the input, even outside streaming: a full copy of every activation, 64 channels at 24 kHz
     in the first layers. Here the convolution pads inside oneDNN (on both sides) and the surplus
-    outputs at the tail (at most kernel - stride) are dropped. Same weights, same sums: the codes
-    are bit-identical to moshi's (a test checks it) and Mimi runs 1.2x faster on one CPU thread.
+    outputs at the tail (at most kernel - stride) are dropped. Same weights, same sums: a whole
+    clip's codes are bit-identical to moshi's (a test checks it) and Mimi runs 1.2x faster on one
+    CPU thread.
 
     Clips longer than `tile` samples pass through in tiles, depth first: a tile goes through every
     layer while its activations are still in cache (a 30 s clip's first layers are 184 MB each),
