@@ -46,11 +46,11 @@ def timed(fn, sync) -> float:
 
 
 def bench_mimi(device: str, batches: list[int], allow_unreleased: bool, bf16: bool, sync) -> list[list]:
-    from stages.tokenize import TokenizeConfig, encode_batch, load_mimi, tile_seconds, use_whole_clip_encoder
+    from stages.tokenize import TokenizeConfig, encode_batch, encoder_tile_seconds, load_mimi, use_whole_clip_encoder
 
     config = TokenizeConfig(allow_unreleased=allow_unreleased)
     model, identity = load_mimi(config, device)
-    model = use_whole_clip_encoder(model, tile_seconds(config, device))  # as the pipeline runs it
+    model = use_whole_clip_encoder(model, encoder_tile_seconds(config, device))  # as the pipeline runs it
     rows = []
     for b in batches:
         batch = clips(24000, b)

@@ -102,7 +102,7 @@ def speech(rate: int, seconds: float) -> np.ndarray:
 
 @guarded("mimi")
 def mimi(device: str, batches: list[int], seconds: float, sync) -> None:
-    from stages.tokenize import CodecUnavailable, TokenizeConfig, encode_batch, load_mimi, tile_seconds, use_whole_clip_encoder
+    from stages.tokenize import CodecUnavailable, TokenizeConfig, encode_batch, encoder_tile_seconds, load_mimi, use_whole_clip_encoder
 
     try:
         model, _ = load_mimi(TokenizeConfig(), device)
@@ -110,7 +110,7 @@ def mimi(device: str, batches: list[int], seconds: float, sync) -> None:
     except CodecUnavailable:  # no hub here: the seeded random Mimi, same architecture, same speed
         model, _ = load_mimi(TokenizeConfig(allow_unreleased=True), device)
         note = "RANDOM-INIT Mimi (allow_unreleased: released weights unavailable); agreement on random codebooks"
-    model = use_whole_clip_encoder(model, tile_seconds(TokenizeConfig(), device))  # as the pipeline runs it
+    model = use_whole_clip_encoder(model, encoder_tile_seconds(TokenizeConfig(), device))  # as the pipeline runs it
     audio = speech(24000, seconds * 8)
     for b in batches:
         clips = [np.roll(audio, -i * 24000)[: int(seconds * 24000)] for i in range(b)]

@@ -192,7 +192,7 @@ class WholeClipEncoder:
         raise TypeError(f"unexpected layer in Mimi's encoder: {type(layer).__name__}")
 
 
-def tile_seconds(config: TokenizeConfig, device: str) -> float:
+def encoder_tile_seconds(config: TokenizeConfig, device: str) -> float:
     """The encoder's tile: config.tile_seconds, or by default 1 s on CPU and whole clips (0) on GPU."""
     return (1.0 if device == "cpu" else 0.0) if config.tile_seconds is None else config.tile_seconds
 
@@ -246,7 +246,7 @@ class TokenizeStage(Stage):
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         model, self.identity = load_mimi(self.config, self.device)
-        self.tile_seconds = tile_seconds(self.config, self.device)
+        self.tile_seconds = encoder_tile_seconds(self.config, self.device)
         self.model = use_whole_clip_encoder(model, self.tile_seconds)
 
     def describe(self) -> dict:
