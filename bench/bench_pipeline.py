@@ -2,7 +2,7 @@
 
     python bench/bench_pipeline.py [--sizes 4,8,16] [--baseline] [--workdir /tmp/csm-bench]
     python bench/bench_pipeline.py --shape podcasts --sizes 1,2 --minutes 10,20,30 --baseline
-    python bench/bench_pipeline.py --shape mix --sizes 1 --minutes 12 --calls 4 --baseline --plain
+    python bench/bench_pipeline.py --shape mix --sizes 1 --minutes 12 --calls 4 --baseline --plain [--repeat 3]
     python bench/bench_pipeline.py --shape podcasts --sizes 1 --minutes 10 --set vad.cpus=2 --set asr.cpus=2 ...
 
 Shapes: `calls` (default), each size N distinct 30 s conversations; `podcasts`, N recordings of
@@ -14,6 +14,8 @@ is read from /proc/stat, so Ray's own processes are counted; run it on an otherw
 
 --baseline runs bench/sequential_baseline.py, the same models in one process; --plain adds its
 --plain mode (whisperx, a d-vector per segment clustered, Mimi: no diarizer, VAD or DNSMOS).
+--repeat N runs it all N times, the scripts right after the pipeline each time, and prints each
+repetition's ratio: on a 2-core VM one run's wall time varies by about 5 %.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ MODEL_STAGES = ("vad", "diarize", "asr", "filter_windows", "tokenize")  # filter
 
 def model_cpu_seconds(run: dict) -> float:
     return sum(run["stage_cpu_seconds"].get(s, 0.0) for s in MODEL_STAGES)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (the slower middle one of an even number)."""
+    return sorted(runs, key=lambda r: r["wall"])[len(runs) // 2]
 
 
 def machine_busy_seconds() -> float:
@@ -106,21 +113,31 @@ def main() -> None:
     ap.add_argument("--minutes", default="10,20,30", help="podcast lengths, cycled over the recordings")
     ap.add_argument("--calls", type=int, default=4, help="short calls added to each size of the mix")
     ap.add_argument("--set", action="append", default=[], help="pipeline config override, e.g. tokenize.cpus=2")
+    ap.add_argument("--repeat", type=int, default=1, help="run everything this many times; the tables show median runs")
     args = ap.parse_args()
     work, cores = Path(args.workdir), os.cpu_count() or 1
     sizes = [int(s) for s in args.sizes.split(",")]
     inputs = select_inputs(args, work, max(sizes))
     print(f"load average before: {os.getloadavg()[0]:.2f} (1 min) on {cores} cores", file=sys.stderr)
-    results = {}
-    for n in sizes:
-        out = work / f"out-{args.shape}-{n}"
-        subprocess.run(["rm", "-rf", str(out)])
-        results[n] = run_pipeline(inputs(n), out, args.set)
-        r = results[n]["run"]
-        commits = results[n]["commits"]
-        print(f"[{n} inputs] {r['audio_hours'] * 3600:.0f} s audio in {results[n]['wall']:.1f} s; chunk commits at "
-              f"{commits[0]:.1f} s (first) ... {', '.join(f'{t:.1f}' for t in commits[-cores:])} s (last {cores})",
-              file=sys.stderr)
+    # Each repetition runs every size, then the scripts, back to back: a slow spell of the machine
+    # then hits both sides of a ratio. The tables show the median run of each.
+    runs: dict[tuple[str, int], list[dict]] = {}
+    compared = sorted({sizes[0], sizes[-1]}) if args.baseline else []  # smallest (start-up weighs most), largest
+    for rep in range(args.repeat):
+        for n in sizes:
+            out = work / f"out-{args.shape}-{n}"
+            subprocess.run(["rm", "-rf", str(out)])
+            res = run_pipeline(inputs(n), out, args.set)
+            runs.setdefault(("pipeline", n), []).append(res)
+            r, commits = res["run"], res["commits"]
+            print(f"[{n} inputs, run {rep + 1}] {r['audio_hours'] * 3600:.0f} s audio in {res['wall']:.1f} s; chunk commits at "
+                  f"{commits[0]:.1f} s (first) ... {', '.join(f'{t:.1f}' for t in commits[-cores:])} s (last {cores})",
+                  file=sys.stderr)
+        for n in compared:
+            runs.setdefault(("script", n), []).append(run_baseline(inputs(n), work / f"baseline-{args.shape}-{n}"))
+            if args.plain:
+                runs.setdefault(("plain", n), []).append(run_baseline(inputs(n), work / f"plain-{args.shape}-{n}", plain=True))
+    results = {n: median_run(runs["pipeline", n]) for n in sizes}
 
     rows = []
     for n, res in results.items():
@@ -152,8 +169,8 @@ def main() -> None:
 
     if args.baseline:  # at the smallest size (start-up weighs most) and the largest (closest to steady state)
         rows = []
-        for n in sorted({sizes[0], sizes[-1]}):
-            base, ours = run_baseline(inputs(n), work / f"baseline-{args.shape}-{n}"), results[n]
+        for n in compared:
+            base, ours = median_run(runs["script", n]), results[n]
             audio = base["audio_seconds"]
             model_cpu = model_cpu_seconds(ours["run"])
             rows += [
@@ -166,7 +183,7 @@ def main() -> None:
                  f"{base['process_seconds'] / (model_cpu / cores):.2f}x"],
             ]
             if args.plain:
-                plain = run_baseline(inputs(n), work / f"plain-{args.shape}-{n}", plain=True)
+                plain = median_run(runs["plain", n])
                 rows.append([n, "plain script", f"{plain['wall']:.1f}", f"{plain['load_seconds']:.1f}",
                              f"{audio / plain['wall']:.2f}", f"{plain['busy'] / (cores * plain['wall']):.2f}",
                              f"{plain['wall'] / ours['wall']:.2f}x", ""])
@@ -181,6 +198,13 @@ def main() -> None:
         print("script wall seconds per model (all cores to each in turn): "
               + ", ".join(f"{k} {v:.1f}" for k, v in base.get("model_seconds", {}).items())
               + ("; plain: " + ", ".join(f"{k} {v:.1f}" for k, v in plain["model_seconds"].items() if v) if args.plain else ""))
+        if args.repeat > 1:
+            n = sizes[-1]
+            for side in ("script", "plain") if args.plain else ("script",):
+                ratios = [b["wall"] / p["wall"] for b, p in zip(runs[side, n], runs["pipeline", n])]
+                walls = {k: ", ".join(f"{r['wall']:.1f}" for r in runs[k, n]) for k in ("pipeline", side)}
+                print(f"{dict(script='same-model', plain='plain')[side]} script / pipeline, each repetition (run back to back): "
+                      + ", ".join(f"{x:.2f}x" for x in ratios) + f"; walls: pipeline {walls['pipeline']} s, {side} {walls[side]} s")
         print("\nstart-up: the script's model loading; the pipeline's process start, Ray start and stop (its workers "
               "load their models inside the run, in parallel).")
 
