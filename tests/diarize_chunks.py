@@ -1,26 +1,30 @@
-"""A long recording diarized the way the pipeline does it: cut into chunks of about
-`chunk_seconds` (at the quietest 20 ms within `search` seconds of each nominal end, like decode),
-each chunk through the diarize stage on its own, then the chunks' speakers linked into one
-labelling per source (stages/speakers.py). Shared by tests/test_speakers.py and bench/bench_diarize.py."""
+"""A long recording diarized the way the pipeline does it: cut into chunks by the decode stage
+itself (`decode.chunk_seconds`, at a quiet point near each boundary, the end tapered), each chunk
+through the diarize stage on its own, then the chunks' speakers linked into one labelling per
+source (stages/speakers.py). Shared by tests/test_speakers.py and bench/bench_diarize.py."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
+import soundfile as sf
 from conftest_audio import RATE, energy_regions
 
 from stages.corpus_format import ChunkRecord, label_map
+from stages.decode import DecodeConfig, decode_chunks
 from stages.records import Chunk, Recording, Region, Turn
 from stages.speakers import link_source
 
 
-def cut_points(mono: np.ndarray, chunk_seconds: float, search: float = 2.0) -> list[int]:
-    """Sample indices where chunks start (the first is 0)."""
-    frame, cuts = int(0.02 * RATE), [0]
-    while len(mono) - cuts[-1] > (chunk_seconds + search) * RATE:
-        lo, hi = cuts[-1] + int((chunk_seconds - search) * RATE), cuts[-1] + int(chunk_seconds * RATE)
-        energy = np.add.reduceat(np.square(mono[lo:hi].astype(np.float64)), np.arange(0, hi - lo, frame))
-        cuts.append(lo + int(np.argmin(energy)) * frame)
-    return cuts
+def cut_points(mono: np.ndarray, chunk_seconds: float) -> list[int]:
+    """Sample indices where decode starts each chunk of `mono` (as a 16 kHz float WAV, under the
+    default DecodeConfig at `chunk_seconds`); the first is 0."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "recording.wav")
+        sf.write(path, mono, RATE, subtype="FLOAT")
+        return [round(c.offset * RATE) for c in decode_chunks(path, DecodeConfig(chunk_seconds=chunk_seconds))]
 
 
 def diarize_chunks(stage, mono: np.ndarray, chunk_seconds: float, rid: str = "src") -> list[Chunk]:
