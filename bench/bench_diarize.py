@@ -48,7 +48,7 @@ min_speaker_seconds 10, min_speaker_share 0.2; `--long`, 13 scored rows, about 1
 exact speaker count 13/13; two-voice whole-file DER mean 0.030, worst 0.071 (the clipped copy);
 three-voice 0.018-0.019. The chunks are cut by the decode stage itself, tapered end included (a
 20-minute recording at 120 s: ..., 70, 35, 26, 14 s); with the test helper's own 2 s-search cut
-rule, untapered, the figures were 0.017-0.019 three-voice and 0.028 / 0.068 two-voice (the
+rule, untapered, they were three-voice 0.017-0.019, two-voice mean 0.028 and worst 0.068 (the
 `--reencode-three` figures below are from that rule). `--long --reencode-three` adds the 20-min three-voice recording's copies
 at 300 s chunks (about 8 more minutes): 3 (3) speakers on every one, DER AAC 0.024, MP3 0.109,
 Opus 0.027, mu-law 0.001, 90 s leading silence 0.018, clipped 0.014 (19/19 exact; the MP3 copy's
