@@ -37,8 +37,9 @@ class DecodeConfig:
     chunk_seconds: float = 120.0
     cut_search_seconds: float = 5.0  # look back this far from the boundary for a quiet point
     # In the last taper_chunks x chunk_seconds of a recording at least twice that long (by its
-    # header's duration), each chunk is half of what remains, down to a quarter chunk (120 s
-    # chunks: ..., 120, 60, 30, 30). A run's last chunks are then short, and the cores finish
+    # header's duration), each chunk is half of what remains, down to a quarter chunk, and the
+    # final one is the rest, at least min(cut_search_seconds, chunk_seconds / 8) (120 s chunks:
+    # ..., 120, 60, 30, then 5-35 s). A run's last chunks are then short, and the cores finish
     # close together. 0: every chunk full length.
     taper_chunks: int = 2
     max_channels: int = 8  # more than this is not a conversation recording
