@@ -26,6 +26,9 @@ RANDOM_SEED = 1234
 # here so that preflight, in the driver, does not import moshi and torch: 1.1 s before Ray starts.
 MIMI_REPO = "kyutai/moshiko-pytorch-bf16"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
+# WholeClipEncoder tiles the SEANet encoder's layers before this index: the 24 kHz, 6 kHz and 1.2 kHz
+# ones, up to the stride-6 conv.
+TILED_LAYERS = 9
 
 
 class CodecUnavailable(RuntimeError):
@@ -138,14 +141,18 @@ class WholeClipEncoder:
     clip's codes are bit-identical to moshi's (a test checks it) and Mimi runs 1.2x faster on one
     CPU thread.
 
-    Clips longer than `tile` samples pass through in tiles, depth first: a tile goes through every
-    layer while its activations are still in cache (a 30 s clip's first layers are 184 MB each),
-    and each conv takes the inputs its first outputs need from the tile before. On one CPU thread
-    Mimi encodes 16-32 s clips 1.4x faster with 1 s tiles (7.6x -> 10.8x real time). The sums are
-    the same but oneDNN groups them differently at other widths, so the latent equals moshi's to
-    float rounding (2.5e-7), not bit for bit: on 12 speech clips of 6-28 s, 0 of 81600 codes
-    differed with 1 s tiles (31 with 2 s tiles). Tiles are fixed and batches are formed the same
-    way every time, so a rerun or a resume still writes the same bytes.
+    Clips longer than `tile` samples pass through the first TILED_LAYERS layers (24 kHz down to
+    1.2 kHz) in tiles, depth first: a tile goes through those layers while its activations are
+    still in cache (a 30 s clip's first layers are 184 MB each), and each conv takes the inputs its
+    first outputs need from the tile before. On one CPU thread Mimi encodes 16-32 s clips 1.4x
+    faster with 1 s tiles (7.6x -> 10.8x real time). The deeper layers (200 Hz and 25 Hz) take the
+    whole clip at once: their activations are small, while their weights are not (the 512 -> 1024
+    conv's are 33 MB), and tiled they were read again for every tile, plus a fix-up convolution per
+    tile too small for oneDNN that PyTorch's slow path ran in 2-12 ms; 1.04-1.10x faster on speech
+    clips of 0.3-30 s. The sums are the same but oneDNN groups them differently at other widths, so
+    the latent equals moshi's to float rounding (2.5e-7), not bit for bit: on 12 speech clips of
+    6-28 s, 0 of 81600 codes differed with 1 s tiles (31 with 2 s tiles). Tiles are fixed and
+    batches are formed the same way every time, so a rerun or a resume still writes the same bytes.
     Installed as the encoder's forward by `use_whole_clip_encoder`; a streaming call goes to moshi's.
     """
 
@@ -157,6 +164,7 @@ class WholeClipEncoder:
         from torch import nn
 
         self.encoder, self.moshi_forward, self.tile = encoder, encoder.forward, tile
+        self.head, self.tail = encoder.model[:TILED_LAYERS], encoder.model[TILED_LAYERS:]
         self.torch, self.conv1d, self.conv_type, self.block_type, self.nn = torch, F.conv1d, StreamingConv1d, SEANetResnetBlock, nn
 
     def __call__(self, x):
@@ -165,8 +173,8 @@ class WholeClipEncoder:
         if not self.tile or x.shape[-1] <= self.tile:
             return self._run(self.encoder.model, x, None)
         states: dict = {}  # conv layer -> the last inputs of the previous tile
-        tiles = [self._run(self.encoder.model, x[..., i : i + self.tile], states) for i in range(0, x.shape[-1], self.tile)]
-        return self.torch.cat(tiles, -1)
+        tiles = [self._run(self.head, x[..., i : i + self.tile], states) for i in range(0, x.shape[-1], self.tile)]
+        return self._run(self.tail, self.torch.cat(tiles, -1), None)
 
     def _run(self, layer, x, states):
         nn = self.nn
