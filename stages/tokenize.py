@@ -53,8 +53,8 @@ class TokenizeConfig:
     # 8-32 and bf16 gains only 1.06-1.35x (bench/gpu_check.sh), while its codes differed from fp32's
     # at 30-40 % of positions (random-init Mimi; unmeasured with the released weights).
     bf16: bool = False
-    # Clips longer than this go through the encoder in tiles of it (WholeClipEncoder). None: 1 s on
-    # CPU (1.4x faster on 16-32 s clips, one thread), whole clips on GPU; 0: whole clips.
+    # Clips longer than this go through the encoder's first layers in tiles of it (WholeClipEncoder).
+    # None: 1 s on CPU (1.4x faster on 16-32 s clips, one thread), whole clips on GPU; 0: whole clips.
     tile_seconds: float | None = None
 
     def __post_init__(self):
