@@ -148,7 +148,7 @@ class WholeClipEncoder:
     faster with 1 s tiles (7.6x -> 10.8x real time). The deeper layers (200 Hz and 25 Hz) take the
     whole clip at once: their activations are small, while their weights are not (the 512 -> 1024
     conv's are 33 MB), and tiled they were read again for every tile, plus a fix-up convolution per
-    tile too small for oneDNN that PyTorch's slow path ran in 2-12 ms; 1.04-1.10x faster on speech
+    tile too small for oneDNN that PyTorch's slow path ran in 2-12 ms; 1.12-1.14x faster on speech
     clips of 0.3-30 s. The sums are the same but oneDNN groups them differently at other widths, so
     the latent equals moshi's to float rounding (2.5e-7), not bit for bit: on 12 speech clips of
     6-28 s, 0 of 81600 codes differed with 1 s tiles (31 with 2 s tiles). Tiles are fixed and
