@@ -72,7 +72,7 @@ def main() -> None:
     from pipeline.config import load_config
     from pipeline.ray_runner import connected
 
-    workers = os.cpu_count() or 1
+    workers = os.cpu_count() or 1  # one actor per core, as the fused chain runs
     nap = args.seconds + 40  # each actor sleeps through the whole sample
 
     class Sleeper:
@@ -106,10 +106,10 @@ def main() -> None:
         by_name[name] = by_name.get(name, 0.0) + cpu
     rows = [[n, f"{c:.2f}", f"{100 * c / args.seconds:.1f}"] for n, c in sorted(by_name.items(), key=lambda x: -x[1]) if c >= 0.01]
     total = sum(by_name.values())
-    print(f"## CPU of this driver and its Ray while {workers} actors sleep, {args.seconds:.0f} s sampled ({os.cpu_count()} cores)\n")
+    print(f"## CPU of this driver and its Ray while {workers} actors sleep, {args.seconds:.0f} s sampled ({workers} cores)\n")
     print(table(rows, ["process", "CPU s", "% of one core"]))
     print(f"\ntotal: {total:.2f} CPU-s, {100 * total / args.seconds:.1f} % of one core, "
-          f"{100 * total / (args.seconds * (os.cpu_count() or 1)):.1f} % of the machine")
+          f"{100 * total / (args.seconds * workers):.1f} % of the machine")
 
 
 if __name__ == "__main__":
