@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -160,6 +161,41 @@ def test_operator_plan_fuses_on_cpu_and_sizes_pools_to_the_cluster():
         plan({"CPU": 3.0}, "run.fuse_stages=false", "tokenize.cpus=4")
     with pytest.raises(ConfigError, match="asr.gpus"):  # as would a GPU stage on a cluster without one
         plan({"CPU": 8.0}, "run.fuse_stages=false", "asr.gpus=0.5")
+
+
+def test_the_runs_workers_start_with_the_malloc_settings_unless_turned_off():
+    """run.tune_malloc reaches the processes Ray starts (glibc reads it as a process starts), and only
+    those: Ray started the way `pipeline run` starts it, in a fresh process (the suite shares one Ray)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.ray_runner import MALLOC_ENV
+
+    code = """
+import json, os, ray
+from pipeline.config import load_config
+from pipeline.ray_runner import MALLOC_ENV, connected
+
+@ray.remote
+class Probe:
+    def env(self):
+        return {k: os.environ.get(k) for k in MALLOC_ENV}
+
+seen = {}
+for tune in ("true", "false"):
+    with connected(None, load_config([], ["run.tune_malloc=" + tune], {})):
+        seen[tune] = ray.get(Probe.remote().env.remote())
+print(json.dumps({"seen": seen, "driver": {k: os.environ.get(k) for k in MALLOC_ENV}}))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV and k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["seen"]["true"] == MALLOC_ENV
+    assert result["seen"]["false"] == {k: None for k in MALLOC_ENV}
+    assert result["driver"] == {k: None for k in MALLOC_ENV}  # the driver's own environment is left alone
 
 
 def test_a_backlogged_pool_grows_and_every_chunk_comes_back_once(ray_session):
