@@ -37,6 +37,25 @@ def test_vad_regions_match_reference_speech(sample_chunk, sample_rttm):
     assert all(0 <= r.start < r.end <= 30.0 for r in chunk.speech)
 
 
+def test_vad_regions_are_silero_get_speech_timestamps_own(sample_chunk):
+    """Our frame loop against silero's own `get_speech_timestamps` on the same packaged model: the
+    same regions to the sample, on audio whose length is no multiple of a frame."""
+    import torch
+    from silero_vad import get_speech_timestamps, load_silero_vad
+
+    from stages.vad import VadConfig, speech_regions
+
+    audio = np.concatenate([sample_chunk.mono16k, sample_chunk.mono16k[: 16000 * 7 + 301] * 0.5])
+    config, model = VadConfig(min_silence_ms=100), load_silero_vad(onnx=True)
+    theirs = get_speech_timestamps(torch.from_numpy(audio), model, threshold=config.threshold, sampling_rate=16000,
+                                   min_speech_duration_ms=config.min_speech_ms, min_silence_duration_ms=config.min_silence_ms,
+                                   speech_pad_ms=config.speech_pad_ms, max_speech_duration_s=config.max_speech_seconds)
+    ours = speech_regions(model, audio, config, offset=2.0)
+    assert len(theirs) >= 4
+    flat = [x for r in ours for x in (r.start - 2.0, r.end - 2.0)]
+    assert flat == pytest.approx([t[k] / 16000 for t in theirs for k in ("start", "end")], abs=1e-9)
+
+
 @pytest.fixture(scope="module")
 def mimi():
     model, identity = load_mimi(TokenizeConfig(allow_unreleased=True), "cpu")
