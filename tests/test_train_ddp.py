@@ -43,6 +43,7 @@ assert (whole is None) != d.is_main
 if d.is_main:
     whole_sum = sum(float(p.double().sum()) for p in whole.parameters())
     json.dump({"losses": losses, "checksum": checksum, "whole": whole_sum}, open(out, "w"))
+parallel.shutdown()
 """
 
 

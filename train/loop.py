@@ -307,4 +307,5 @@ def run(cfg: Config, shards_dir: str, run_dir: str, max_steps: int | None = None
                                 {"consumed": batches.consumed, "seed": cfg.train.seed}, cfg.to_dict(),
                                 cfg.train.keep_checkpoints, sharded=sharded, asynchronous=asynchronous)
     metrics.close()
+    parallel.shutdown()
     return history

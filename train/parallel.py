@@ -39,6 +39,15 @@ def init_distributed() -> Dist:
     return Dist(rank=int(os.environ.get("RANK", "0")), world=world, local_rank=local_rank, device=device)
 
 
+def shutdown() -> None:
+    """Leave the process group, together, before the process exits. Left to interpreter exit, a
+    gloo rank now and then aborted in its threads' teardown ("terminate called without an active
+    exception", exit code -6) after its work was done."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def mode_of(cfg: Config, d: Dist) -> str:
     mode = cfg.parallel.mode
     if mode == "auto":
