@@ -34,7 +34,7 @@ class RunConfig:
     progress_seconds: float = 10.0
     max_task_retries: int = 3  # a worker that dies is retried this many times, then the input is an error
     # Run every Ray worker of the job with glibc malloc keeping its memory (ray_runner.MALLOC_ENV):
-    # 8-10 % less model CPU on one core. Off: the C library's defaults.
+    # 6-9 % less model CPU. Off: the C library's defaults.
     tune_malloc: bool = True
 
     def __post_init__(self):

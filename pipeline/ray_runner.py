@@ -34,9 +34,10 @@ DECODE_RESERVE_CPUS = 1.0  # logical CPUs fused workers leave to the decode task
 # Whisper's attention scores (8 windows x 6 heads x 1500^2 floats, 432 MB), pyannote's SincNet batch
 # (81 MB), Mimi's 24 kHz activations. glibc's own adaptive threshold stops at 32 MB, and blocks of
 # a thread's own arena (CTranslate2 computes on its own threads) are mapped whatever the threshold.
-# One arena, blocks under 1 GiB from the heap and up to 1 GiB of free heap kept: a fused worker's
-# models took 8.6 % less CPU on a 10-minute podcast (page faults 3.1 M -> 0.24 M, system time 6.5
-# -> 0.5 s), peak RSS 2.7 -> 2.6 GB. glibc reads these once, as the process starts.
+# One arena, blocks under 1 GiB from the heap and up to 1 GiB of free heap kept: the chain's models
+# took 8.6 % less CPU on three chunks of a 10-minute podcast in one process (page faults 3.1 M ->
+# 0.24 M, system time 6.5 -> 0.5 s, peak RSS 2.7 -> 2.6 GB), 6 % in the pipeline with and without
+# it. glibc reads these once, as the process starts.
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
