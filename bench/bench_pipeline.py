@@ -57,7 +57,7 @@ def worker_rss_gb() -> float:
             text = status.read_text()
         except OSError:
             continue
-        if "\nName:\tray::MapWorker" in "\n" + text:
+        if any(f"\nName:\tray::{w}" in "\n" + text for w in ("StageWork", "MapWorker")):  # fused, pools
             peak = max(peak, int(text.split("VmRSS:")[1].split()[0]) if "VmRSS:" in text else 0)
     return peak / 2**20
 

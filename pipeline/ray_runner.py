@@ -25,10 +25,11 @@ from pipeline.progress import Progress
 from stages.base import WORKER_BASE_GB, Resources, Stage
 from stages.chain import build_source, build_stages
 from stages.corpus_format import INCOMPLETE_SUFFIX, OutputDir, error_table, incomplete_errors
-from stages.records import Chunk, ErrorRecord, source_id
+from stages.records import Chunk, ChunkSummary, ErrorRecord, source_id
 
 log = logging.getLogger(__name__)
 DECODE_RESERVE_CPUS = 1.0  # logical CPUs fused workers leave to the decode tasks
+MAX_DECODES = 4  # sources the fused chain decodes at once (each a few chunks ahead of the workers)
 # glibc malloc settings for the job's workers (run.tune_malloc). With the defaults, every large
 # temporary went back to the kernel when freed and was faulted in, page by page, at the next call:
 # Whisper's attention scores (8 windows x 6 heads x 1500^2 floats, 432 MB), pyannote's SincNet batch
@@ -50,9 +51,10 @@ def _loads(batch: dict[str, np.ndarray]) -> list[Chunk]:
 
 
 class StageWorker:
-    """Ray Data UDF around a run of stages: each worker calls every stage's setup() once, then
-    passes each batch through the stages in order (one stage, or all of them when fused). The
-    last operator's workers hand back chunk summaries (column "summary"), the others chunks."""
+    """A worker around a run of stages: it calls every stage's setup() once, then passes chunks
+    through the stages in order (one stage, or all of them when fused). As a Ray Data UDF
+    (`__call__`, pools per stage) the last operator's workers hand back chunk summaries (column
+    "summary"), the others chunks; as the fused chain's actor (`chain`), a chunk's summary."""
 
     def __init__(self, stages: list[Stage], last: bool = False):
         # pyannote warns at import that torchcodec cannot load (no system FFmpeg): we never use it,
@@ -60,14 +62,20 @@ class StageWorker:
         warnings.filterwarnings("ignore", message=r"\s*torchcodec")
         self.stages, self.last = stages, last
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
-        chunks = _loads(batch)
+    def run(self, chunks: list[Chunk]) -> list[Chunk]:
         context = ray.get_runtime_context()
         where = {"node": context.get_node_id(), "actor": context.get_actor_id()}  # actor: None in a task
         for stage in self.stages:
             chunks = stage.process_batch(chunks)
             for chunk in chunks:
                 chunk.placement[stage.name] = where
+        return chunks
+
+    def chain(self, chunk: bytes) -> ChunkSummary:
+        return self.run([pickle.loads(chunk)])[0].summary()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
+        chunks = self.run(_loads(batch))
         if self.last:
             return {"summary": [pickle.dumps(c.summary(), protocol=pickle.HIGHEST_PROTOCOL) for c in chunks]}
         return _dumps(chunks)
@@ -182,6 +190,72 @@ def _chunks_of(source: Stage):
     return decode
 
 
+def _decode_source(source: Stage, uri: str) -> Iterator[bytes]:
+    # Pickled here, unpickled by the worker: a chunk Ray deserialized itself would hold read-only
+    # views of the object store, and stages may write into their arrays.
+    for chunk in source.chunks(uri):
+        yield pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def fused_summaries(uris: list[str], source: Stage, op: Operator, max_retries: int) -> Iterator[ChunkSummary]:
+    """The fused chain on Ray's task API: a streaming task per source decodes its chunks, at most
+    two ahead of what the driver has taken, and each of `op.min_actors` actors takes one chunk at a
+    time through every stage. A work queue needs none of Ray Data's planning: its scheduling loop
+    and three internal actors took 5 % of a core on top of Ray's own (bench/bench_ray_overhead.py),
+    2.7 % of a 2-core machine that no model got. A chunk whose worker died `max_retries` + 1 times
+    is logged and left out: the caller records its source as incomplete."""
+    res = op.res
+    worker = ray.remote(StageWorker).options(
+        num_cpus=res.cpus, num_gpus=res.gpus or None, memory=worker_memory(res),
+        max_restarts=-1, max_task_retries=max_retries,  # the pool always gets its actor back; the bound is per chunk
+        scheduling_strategy="SPREAD")
+    decode = ray.remote(_decode_source).options(num_cpus=source.resources().cpus, max_retries=max_retries,
+                                                 num_returns="streaming", _generator_backpressure_num_objects=2)
+    actors = [worker.remote(op.stages, True) for _ in range(op.min_actors)]
+    todo, decoding, decoded = list(reversed(uris)), {}, []  # decoding: insertion-ordered, oldest source first
+    idle, busy = list(actors), {}
+    try:
+        while todo or decoding or decoded or busy:
+            while todo and len(decoding) < MAX_DECODES and len(decoding) + len(decoded) < 2 * len(actors):
+                decoding[decode.remote(source, todo.pop())] = None
+            while idle and decoded:
+                actor = idle.pop()
+                busy[actor.chain.remote(decoded.pop(0))] = actor
+            # Chunks are taken from the decoders only while fewer wait than there are workers.
+            ready, _ = ray.wait(list(busy) + (list(decoding) if len(decoded) < len(actors) else []), num_returns=1)
+            for ref in ready:
+                if ref in busy:
+                    idle.append(busy.pop(ref))
+                    try:
+                        yield ray.get(ref)
+                    except ray.exceptions.RayError as exc:
+                        log.warning("a chunk was lost after %d tries: %s", max_retries + 1, str(exc)[:500])
+                else:
+                    try:
+                        decoded.append(next(ref))
+                    except StopIteration:
+                        del decoding[ref]
+    finally:  # done, or stopped early: nothing keeps running on a cluster this did not start
+        for gen in decoding:
+            ray.cancel(gen, force=True)
+        for actor in actors:
+            ray.kill(actor)
+
+
+def pool_summaries(uris: list[str], source: Stage, operators: list[Operator], max_retries: int) -> Iterator[ChunkSummary]:
+    """Pools per stage on Ray Data: a streaming DAG whose pools grow where a backlog builds."""
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris))
+    ds = ds.map_batches(_chunks_of(source), batch_size=1, num_cpus=source.resources().cpus, max_retries=max_retries)
+    for i, op in enumerate(operators):
+        ds = apply_operator(ds, op, max_retries, last=i == len(operators) - 1)
+    rows = iter(ds.iter_rows())
+    try:
+        for row in rows:
+            yield pickle.loads(row["summary"])
+    finally:
+        getattr(rows, "close", lambda: None)()
+
+
 @contextlib.contextmanager
 def connected(address: str | None, config: PipelineConfig) -> Iterator[dict[str, float]]:
     """Join the cluster at `address`, or start a local one sized to this machine; yields its
@@ -238,19 +312,17 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, on_c
     if not uris:
         return {**progress.summary(), "models": {**models, **progress.models}}
     max_retries = config.run.max_task_retries
-    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris))
-    ds = ds.map_batches(_chunks_of(source), batch_size=1, num_cpus=source.resources().cpus, max_retries=max_retries)
     operators = plan_operators(stages, config, ray.cluster_resources())
-    for i, op in enumerate(operators):
-        ds = apply_operator(ds, op, max_retries, last=i == len(operators) - 1)
-    rows = iter(ds.iter_rows())
-    for row in rows:
-        summary = pickle.loads(row["summary"])
-        progress.update(summary)
-        if summary.fatal:  # every other chunk would fail the same way: stop the dataset, say why once
-            getattr(rows, "close", lambda: None)()
-            progress.finish()
-            raise RunStopped(summary.fatal)
+    if len(operators) == 1 and operators[0].res.uses_model and operators[0].min_actors == operators[0].max_actors:
+        summaries = fused_summaries(uris, source, operators[0], max_retries)
+    else:
+        summaries = pool_summaries(uris, source, operators, max_retries)
+    with contextlib.closing(summaries):
+        for summary in summaries:
+            progress.update(summary)
+            if summary.fatal:  # every other chunk would fail the same way: stop, say why once
+                progress.finish()
+                raise RunStopped(summary.fatal)
     progress.finish()
     record_incomplete(OutputDir(config.write.output), uris, progress, max_retries)
     return {**progress.summary(), "models": {**models, **progress.models}, "operators": [op.describe() for op in operators]}

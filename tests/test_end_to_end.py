@@ -227,10 +227,52 @@ def test_a_backlogged_pool_grows_and_every_chunk_comes_back_once(ray_session):
     assert 2 <= len(actors) <= 3
 
 
+def test_the_fused_chain_hands_out_every_chunk_once_and_gives_its_workers_back(ray_session):
+    """The fused runner on Ray's task API: streamed decode tasks, one chunk at a time per actor.
+    Sources of several chunks each come back chunk by chunk, each once, spread over both actors;
+    a stage may write into a chunk's arrays (they are not read-only views of the object store);
+    and once done, every CPU the actors held is free again for whatever runs next."""
+    import time
+
+    from pipeline.ray_runner import Operator, fused_summaries
+    from stages.base import Resources, Stage
+    from stages.records import Chunk, Recording
+
+    class Source(Stage):
+        name = "decode"
+
+        def chunks(self, uri: str):
+            rec = Recording(uri.rsplit("/", 1)[-1], uri, 4.0, 16000, 1)
+            for i in range(4):
+                yield Chunk(rec, i, float(i), i == 3, audio16k=np.zeros((1, 160), np.float32))
+
+    class Scale(Stage):
+        name = "scale"
+
+        def resources(self) -> Resources:
+            return Resources(cpus=1.0, uses_model=True)
+
+        def process(self, chunk: Chunk) -> Chunk:
+            chunk.audio16k *= 0.5  # in place: raises on a read-only array
+            time.sleep(0.2)
+            return chunk
+
+    op = Operator([Scale(None)], Scale(None).resources(), 2, 2)
+    uris = [f"file:///src{i}.wav" for i in range(3)]
+    out = list(fused_summaries(uris, Source(None), op, max_retries=0))
+    assert sorted((s.record.uri, s.record.chunk) for s in out) == [(u, i) for u in uris for i in range(4)]
+    assert not any(s.record.errors for s in out)
+    assert len({s.placement["scale"]["actor"] for s in out}) == 2
+    total, deadline = ray_session.cluster_resources()["CPU"], time.time() + 30
+    while ray_session.available_resources().get("CPU", 0) < total and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray_session.available_resources().get("CPU", 0) == total
+
+
 def test_one_long_recording_is_spread_over_every_worker(ray_session, sample_wav, tmp_path):
-    """A single file of several chunks keeps both workers busy: Ray Data used to pack a decode
-    task's chunks into one block, and a block goes to one worker (issue: long recordings left
-    cores idle). The session's Ray has a worker per core, here 2."""
+    """A single file of several chunks keeps both workers busy (issue: long recordings left cores
+    idle; Ray Data once packed a decode task's chunks into one block, and a block goes to one
+    worker). The session's Ray has a worker per core, here 2."""
     import os
 
     import soundfile as sf

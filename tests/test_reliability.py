@@ -187,7 +187,7 @@ def test_hub_token_never_reaches_outputs(ray_session, clips, tmp_path, monkeypat
 
 
 def _ray_workers(name: str) -> list[int]:
-    """PIDs of Ray worker processes whose title mentions `name` (Ray sets titles like ray::MapWorker(...))."""
+    """PIDs of Ray worker processes whose title mentions `name` (Ray sets titles like ray::StageWorker.chain)."""
     pids = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
@@ -208,7 +208,7 @@ def test_worker_killed_mid_run_is_retried_and_loses_nothing(reference, clips, tm
     while not killed and proc.poll() is None:
         assert time.time() < deadline
         if list((out / "chunks").glob("*.json")):
-            killed = _ray_workers("MapWorker")
+            killed = _ray_workers("StageWorker")
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
@@ -240,7 +240,7 @@ def test_input_that_keeps_killing_workers_is_recorded_then_retried_on_resume(ref
     while proc.poll() is None:
         assert time.time() - start < 600, "run hung"
         if list((out / "chunks").glob("*.json")):  # once work flows, every model worker dies on sight
-            for pid in _ray_workers("MapWorker"):
+            for pid in _ray_workers("StageWorker"):
                 os.kill(pid, signal.SIGKILL)
                 kills += 1
         time.sleep(0.5)
