@@ -1,13 +1,15 @@
 """What Ray's own processes cost while the model workers work: the share of a core a run can never
 give to its models.
 
-    python bench/bench_ray_overhead.py [--seconds 40]
+    python bench/bench_ray_overhead.py [--seconds 40] [--runner fused|ray-data]
 
-Starts Ray as `pipeline run` does (pipeline/ray_runner.py: `connected`), runs a Ray Data actor pool
-of one actor per core, as the fused chain does, whose actors only sleep, and after a settling
-period samples every process's CPU (utime + stime from /proc) for `--seconds`: what is left is
-the driver's scheduling loop, Ray Data's internal actors, raylet, GCS and the other daemons
-(this process and every process under it).
+Starts Ray as `pipeline run` does (pipeline/ray_runner.py: `connected`), runs one actor per core
+whose stage only sleeps, and after a settling period samples every process's CPU (utime + stime
+from /proc) for `--seconds`: what is left is the driver's loop, raylet, GCS and the other daemons
+(this process and every process under it). `--runner fused`: the fused chain's own runner on
+Ray's task API (`fused_summaries`), as `pipeline run` runs on CPU; `ray-data`: the same pool as a
+Ray Data actor pool, as the fused chain ran before, with Ray Data's scheduling loop and internal
+actors.
 Linux only (/proc).
 """
 
@@ -66,19 +68,34 @@ def descendants(procs: dict[int, tuple[int, float, str]], root: int) -> set[int]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=40.0, help="sampling period, after 20 s of settling")
+    ap.add_argument("--runner", default="fused", choices=["fused", "ray-data"])
     args = ap.parse_args()
+    import numpy as np
     import ray
 
     from pipeline.config import load_config
-    from pipeline.ray_runner import connected
+    from pipeline.ray_runner import Operator, connected, fused_summaries, pool_summaries
+    from stages.base import Resources, Stage
+    from stages.records import Chunk, Recording
 
     workers = os.cpu_count() or 1  # one actor per core, as the fused chain runs
     nap = args.seconds + 40  # each actor sleeps through the whole sample
 
-    class Sleeper:
-        def __call__(self, batch):
+    class Sleep(Stage):
+        name = "sleep"
+
+        def resources(self) -> Resources:
+            return Resources(cpus=1.0, uses_model=True)
+
+        def process(self, chunk: Chunk) -> Chunk:
             time.sleep(nap)
-            return batch
+            return chunk
+
+    class Source(Stage):
+        name = "decode"
+
+        def chunks(self, uri: str):
+            yield Chunk(Recording(uri, uri, 1.0, 16000, 1), 0, 0.0, True, audio16k=np.zeros((1, 16000), np.float32))
 
     sample: dict = {}
 
@@ -90,15 +107,17 @@ def main() -> None:
         ours = descendants(b, os.getpid())
         sample.update({pid: (cpu - a.get(pid, (0, 0.0, ""))[1], name) for pid, (_, cpu, name) in b.items() if pid in ours})
 
+    uris = [f"sleep{i}" for i in range(workers)]
+    op = Operator([Sleep(None)], Sleep(None).resources(), workers, workers)
     with connected(None, load_config([], [], {})):
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ds = ray.data.from_items([{"x": i} for i in range(workers)], override_num_blocks=workers)
-        ds = ds.map_batches(Sleeper, batch_size=1, num_cpus=1,
-                            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1))
+        if args.runner == "fused":
+            summaries = fused_summaries(uris, Source(None), op, max_retries=0)
+        else:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            summaries = pool_summaries(uris, Source(None), [op], max_retries=0)
         sampler = threading.Thread(target=measure)
         sampler.start()
-        for _ in ds.iter_rows():
+        for _ in summaries:
             pass
         sampler.join()
     by_name: dict[str, float] = {}
@@ -106,7 +125,8 @@ def main() -> None:
         by_name[name] = by_name.get(name, 0.0) + cpu
     rows = [[n, f"{c:.2f}", f"{100 * c / args.seconds:.1f}"] for n, c in sorted(by_name.items(), key=lambda x: -x[1]) if c >= 0.01]
     total = sum(by_name.values())
-    print(f"## CPU of this driver and its Ray while {workers} actors sleep, {args.seconds:.0f} s sampled ({workers} cores)\n")
+    print(f"## CPU of this driver and its Ray ({args.runner} runner) while {workers} actors sleep, "
+          f"{args.seconds:.0f} s sampled ({workers} cores)\n")
     print(table(rows, ["process", "CPU s", "% of one core"]))
     print(f"\ntotal: {total:.2f} CPU-s, {100 * total / args.seconds:.1f} % of one core, "
           f"{100 * total / (args.seconds * workers):.1f} % of the machine")

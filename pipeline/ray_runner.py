@@ -1,10 +1,13 @@
-"""The one place stages meet Ray: an adapter that turns any Stage into a Ray Data operator, and the
-runner that wires the chain (stages/chain.py: its source, then its stages, none known here by
-name), streams chunk summaries back and reports progress.
+"""The one place stages meet Ray: one worker class that runs any stages (`StageWorker`), the plan
+of operators, and the runner that wires the chain (stages/chain.py: its source, then its stages,
+none known here by name), streams chunk summaries back and reports progress.
 
-Chunks travel between operators as pickled `Chunk` records in a single binary column: explicit,
-so Ray never guesses an Arrow type for them. The last operator sends the driver each chunk's
-`ChunkSummary` instead (a few hundred bytes, not the chunk).
+Two ways to run the plan. Fused (the default on CPU), the whole chain is one pool: a plain work
+queue on Ray's task API (`fused_summaries`). Pools per stage (GPUs) form a streaming DAG whose
+pools grow where a backlog builds: Ray Data (`pool_summaries`), where chunks travel between
+operators as pickled `Chunk` records in a single binary column, so Ray never guesses an Arrow
+type for them. Either way the driver receives each chunk's `ChunkSummary` (a few hundred bytes,
+not the chunk).
 """
 
 from __future__ import annotations
