@@ -71,7 +71,6 @@ def main() -> None:
     ap.add_argument("--runner", default="fused", choices=["fused", "ray-data"])
     args = ap.parse_args()
     import numpy as np
-    import ray
 
     from pipeline.config import load_config
     from pipeline.ray_runner import Operator, connected, fused_summaries, pool_summaries
@@ -113,7 +112,6 @@ def main() -> None:
         if args.runner == "fused":
             summaries = fused_summaries(uris, Source(None), op, max_retries=0)
         else:
-            ray.data.DataContext.get_current().enable_progress_bars = False
             summaries = pool_summaries(uris, Source(None), [op], max_retries=0)
         sampler = threading.Thread(target=measure)
         sampler.start()

@@ -204,14 +204,17 @@ def fused_summaries(uris: list[str], source: Stage, op: Operator, max_retries: i
     """The fused chain on Ray's task API: a streaming task per source decodes its chunks, at most
     two ahead of what the driver has taken, and each of `op.min_actors` actors takes one chunk at a
     time through every stage. A work queue needs none of Ray Data's planning: its scheduling loop
-    and three internal actors took 5 % of a core on top of Ray's own (bench/bench_ray_overhead.py),
-    2.7 % of a 2-core machine that no model got. A chunk whose worker died `max_retries` + 1 times
-    is logged and left out: the caller records its source as incomplete."""
+    and three internal actors took 7.7 % of a core on top of what this runner and Ray's daemons
+    take (bench/bench_ray_overhead.py), 3.8 % of a 2-core machine that no model got. A chunk whose
+    worker died `max_retries` + 1 times is logged and left out: the caller records its source as
+    incomplete."""
     res = op.res
     worker = ray.remote(StageWorker).options(
         num_cpus=res.cpus, num_gpus=res.gpus or None, memory=worker_memory(res),
         max_restarts=-1, max_task_retries=max_retries,  # the pool always gets its actor back; the bound is per chunk
         scheduling_strategy="SPREAD")
+    # Ray's streaming-generator backpressure (underscored, but the documented knob): a long
+    # recording's chunks wait in the decoder instead of filling the object store.
     decode = ray.remote(_decode_source).options(num_cpus=source.resources().cpus, max_retries=max_retries,
                                                  num_returns="streaming", _generator_backpressure_num_objects=2)
     actors = [worker.remote(op.stages, True) for _ in range(op.min_actors)]
@@ -247,6 +250,18 @@ def fused_summaries(uris: list[str], source: Stage, op: Operator, max_retries: i
 
 def pool_summaries(uris: list[str], source: Stage, operators: list[Operator], max_retries: int) -> Iterator[ChunkSummary]:
     """Pools per stage on Ray Data: a streaming DAG whose pools grow where a backlog builds."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.verbose_stats_logs = False
+    # Per-item failures are caught inside the stages. What reaches Ray is a worker that died (killed,
+    # out of memory, crashed in native code): Ray retries it `max_retries` times, then drops that
+    # block instead of failing the run, and the source is recorded as an error (record_incomplete).
+    # Set before the dataset is built: a dataset copies the context when it is created.
+    ctx.max_errored_blocks = -1
+    # One chunk per block. Ray Data packs a task's outputs into blocks of up to 128 MiB, and a block
+    # goes to one worker: the five 120 s chunks of a 10-minute file (~20 MB each) were one block, and
+    # one core did the whole file while the other idled. Any chunk is over 1 MiB, so each is a block.
+    ctx.target_max_block_size = 1 << 20
     ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris))
     ds = ds.map_batches(_chunks_of(source), batch_size=1, num_cpus=source.resources().cpus, max_retries=max_retries)
     for i, op in enumerate(operators):
@@ -297,18 +312,6 @@ def _init_ray(address: str | None, config: PipelineConfig) -> None:
 def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, on_commit=None) -> dict[str, Any]:
     """Process `uris` into config.write.output on the cluster `connect` joined; returns this run's
     summary (counts, timings, the operators and what each stage ran). `on_commit`: see Progress."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.verbose_stats_logs = False
-    # Per-item failures are caught inside the stages. What reaches Ray is a worker that died (killed,
-    # out of memory, crashed in native code): Ray retries it `max_retries` times, then drops that
-    # block instead of failing the run, and the source is recorded as an error (record_incomplete).
-    # Set before the dataset is built: a dataset copies the context when it is created.
-    ctx.max_errored_blocks = -1
-    # One chunk per block. Ray Data packs a task's outputs into blocks of up to 128 MiB, and a block
-    # goes to one worker: the five 120 s chunks of a 10-minute file (~20 MB each) were one block, and
-    # one core did the whole file while the other idled. Any chunk is over 1 MiB, so each is a block.
-    ctx.target_max_block_size = 1 << 20
     source, stages = build_source(config), build_stages(config)
     progress = Progress(len(uris), sum(sizes), dict(zip(uris, sizes)), config.run.progress_seconds, on_commit)
     models = {s.name: s.describe() for s in stages}  # what each stage runs; workers add codec and diarizer
@@ -316,7 +319,7 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, on_c
         return {**progress.summary(), "models": {**models, **progress.models}}
     max_retries = config.run.max_task_retries
     operators = plan_operators(stages, config, ray.cluster_resources())
-    if len(operators) == 1 and operators[0].res.uses_model and operators[0].min_actors == operators[0].max_actors:
+    if len(operators) == 1 and operators[0].res.uses_model and operators[0].min_actors == operators[0].max_actors:  # one fixed pool
         summaries = fused_summaries(uris, source, operators[0], max_retries)
     else:
         summaries = pool_summaries(uris, source, operators, max_retries)
