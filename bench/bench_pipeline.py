@@ -57,7 +57,8 @@ def worker_rss_gb() -> float:
             text = status.read_text()
         except OSError:
             continue
-        if any(f"\nName:\tray::{w}" in "\n" + text for w in ("StageWork", "MapWorker")):  # fused, pools
+        # The fused chain's actors, or Ray Data's (pools per stage); Name is cut at 15 characters.
+        if any(f"\nName:\tray::{w}" in "\n" + text for w in ("StageWork", "MapWorker")):
             peak = max(peak, int(text.split("VmRSS:")[1].split()[0]) if "VmRSS:" in text else 0)
     return peak / 2**20
 

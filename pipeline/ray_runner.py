@@ -86,13 +86,17 @@ class StageWorker:
 
 @dataclass(frozen=True)
 class Operator:
-    """One Ray Data operator: `stages` run one after another by each worker; an actor pool of
+    """One operator: `stages` run one after another by each worker; an actor pool of
     `min_actors`..`max_actors` when they hold models (autoscaled when the two differ), else tasks."""
 
     stages: list[Stage]
     res: Resources
     min_actors: int = 1
     max_actors: int = 1
+
+    @property
+    def fixed_pool(self) -> bool:
+        return self.res.uses_model and self.min_actors == self.max_actors
 
     def describe(self) -> dict[str, Any]:
         pool = self.res.uses_model
@@ -164,7 +168,7 @@ def apply_operator(ds: "ray.data.Dataset", op: Operator, max_retries: int, last:
     if not res.uses_model:
         worker = StageWorker(op.stages, last)
         return ds.map_batches(lambda batch: worker(batch), max_retries=max_retries, **common)
-    if op.min_actors == op.max_actors:
+    if op.fixed_pool:
         # One chunk at a time per worker: a chunk is seconds to minutes of model work, so a queue
         # per actor would only leave some workers idle at the end while others hold a backlog.
         pool = ray.data.ActorPoolStrategy(size=op.min_actors, max_tasks_in_flight_per_actor=1)
@@ -319,7 +323,7 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, on_c
         return {**progress.summary(), "models": {**models, **progress.models}}
     max_retries = config.run.max_task_retries
     operators = plan_operators(stages, config, ray.cluster_resources())
-    if len(operators) == 1 and operators[0].res.uses_model and operators[0].min_actors == operators[0].max_actors:  # one fixed pool
+    if len(operators) == 1 and operators[0].fixed_pool:  # the fused chain: a work queue
         summaries = fused_summaries(uris, source, operators[0], max_retries)
     else:
         summaries = pool_summaries(uris, source, operators, max_retries)
