@@ -71,7 +71,10 @@ def stats(directory: str, as_json: bool, report: str | None) -> None:
 
     if "://" not in directory and not os.path.isdir(directory):
         raise click.UsageError(f"no corpus at {directory}")
-    s = corpus_stats(directory)
+    try:
+        s = corpus_stats(directory)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.UsageError(str(exc)) from exc
     click.echo(json.dumps(s, indent=1, sort_keys=True) if as_json else format_stats(s))
     if report:
         from pipeline.report import write_report
@@ -86,13 +89,20 @@ def stats(directory: str, as_json: bool, report: str | None) -> None:
 @click.option("--shard-size", default="1GB", show_default=True, help="Target shard size (e.g. 500MB, 1GB).")
 @click.option("--val-fraction", default=0.005, show_default=True, type=float, help="Share of sources held out in val/.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the shuffle and the split.")
-def pack(directory: str, output: str, shard_size: str, val_fraction: float, seed: int) -> None:
-    """Repack the corpus at DIRECTORY into shuffled train/ and val/ shards of about --shard-size."""
+@click.option("--address", default=None, help="Run the passes as tasks on the Ray cluster at HOST:PORT (or auto).")
+def pack(directory: str, output: str, shard_size: str, val_fraction: float, seed: int, address: str | None) -> None:
+    """Repack the corpus at DIRECTORY into shuffled train/ and val/ shards of about --shard-size.
+    Interrupted, the same command resumes."""
+    import contextlib
+
     from pipeline.pack import pack as run_pack
     from pipeline.pack import parse_size
 
+    if address:
+        from pipeline.ray_runner import task_mapper  # imports ray
     try:
-        summary = run_pack(directory, output, parse_size(shard_size), val_fraction, seed)
+        with task_mapper(address) if address else contextlib.nullcontext(None) as map_tasks:
+            summary = run_pack(directory, output, parse_size(shard_size), val_fraction, seed, map_tasks)
     except (ValueError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from exc
     splits = ", ".join(f"{k}: {v['samples']} samples in {v['shards']} shards from {v['sources']} sources"

@@ -36,9 +36,10 @@ class RunConfig:
     # Run every Ray worker of the job with glibc malloc keeping its memory (ray_runner.MALLOC_ENV):
     # 6-9 % less model CPU. Off: the C library's defaults.
     tune_malloc: bool = True
+    writers: int | None = None  # corpus writer actors, on the driver's node (None: one per 500 workers)
 
     def __post_init__(self):
-        for key in ("num_cpus", "workers"):
+        for key in ("num_cpus", "workers", "writers"):
             require(getattr(self, key) is None or getattr(self, key) >= 1, key, f"must be at least 1 or null, got {getattr(self, key)}")
         require(self.num_gpus is None or self.num_gpus >= 0, "num_gpus", f"must be >= 0 or null, got {self.num_gpus}")
         require(self.progress_seconds > 0, "progress_seconds", f"must be > 0, got {self.progress_seconds}")

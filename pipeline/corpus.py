@@ -1,18 +1,22 @@
 """The corpus directory on disk: what is already done (resume), the config it was made with, the
-manifest and run.json. Reads the small files (chunk records, manifests), never the tars."""
+lease of the one run writing it, and run.json. Reads the commit tables as columns, never the tars."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import socket
+import threading
 import time
-from collections import defaultdict
+import uuid
 from importlib import metadata
 from typing import Any
 
 from pipeline.config import ConfigError, PipelineConfig, to_dict
-from stages.corpus_format import CONFIG_FILE, RUN_FILE, ChunkRecord, OutputDir, read_error_table
+from stages.corpus_format import CONFIG_FILE, LAYOUT, RUN_FILE, ChunkRecord, OutputDir
+from stages.corpus_parts import COMMITS, INCOMPLETE, committed_parts, read_parts, read_table
 
 VERSIONED = ["torch", "torchaudio", "whisperx", "faster-whisper", "ctranslate2", "pyannote.audio", "moshi", "ray", "webdataset", "silero-vad", "av", "numpy", "pyarrow", "transformers"]
 
@@ -27,19 +31,36 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def chunk_records(out: OutputDir) -> list[ChunkRecord]:
-    return [ChunkRecord.from_json(out.read_bytes(f"chunks/{n}")) for n in out.list("chunks", ".json")]
+def committed_state(out: OutputDir) -> tuple[Any, dict[str, list[ChunkRecord]]]:
+    """(the uris whose chunks 0..last are all committed, as a pyarrow array; the committed records of
+    every other source that has some). Columns of the commit tables, grouped in Arrow: no Python
+    object per chunk of the corpus."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = read_table(out, COMMITS, ["uri", "chunk", "last"])
+    if t is None:
+        return pa.array([], pa.string()), {}
+    counts = t.group_by("uri").aggregate([("chunk", "count_distinct")])
+    lasts = t.filter(t["last"]).select(["uri", "chunk"]).rename_columns(["uri", "last_chunk"])
+    j = counts.join(lasts, "uri", join_type="left outer")
+    done = pc.fill_null(pc.equal(j["chunk_count_distinct"], pc.add(j["last_chunk"], 1)), False)
+    partial = j.filter(pc.invert(done))["uri"]
+    prior: dict[str, list[ChunkRecord]] = {}
+    if len(partial):
+        for _, part in read_parts(out, COMMITS, committed_parts(out)):
+            for row in part.filter(pc.is_in(part["uri"], value_set=partial)).to_pylist():
+                r = ChunkRecord.from_row(row)
+                prior.setdefault(r.source_id, []).append(r)
+    return j.filter(done)["uri"].combine_chunks(), prior
 
 
-def completed_sources(out: OutputDir) -> set[str]:
-    """URIs whose every chunk (0..last) has its commit record."""
-    seen: dict[str, set[int]] = defaultdict(set)
-    last: dict[str, int] = {}
-    for rec in chunk_records(out):
-        seen[rec.uri].add(rec.chunk)
-        if rec.last:
-            last[rec.uri] = rec.chunk
-    return {uri for uri, idx in last.items() if seen[uri] == set(range(idx + 1))}
+def not_done(uris: list[str], done) -> list[bool]:
+    """For each of `uris`: is it missing from `done` (committed_state's array)?"""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.invert(pc.is_in(pa.array(uris, pa.string()), value_set=done)).to_pylist()
 
 
 def _producing_config(config: PipelineConfig) -> dict[str, Any]:
@@ -69,7 +90,8 @@ def check_config(out: OutputDir, config: PipelineConfig, allow_change: bool) -> 
                 f"{out.root} was produced with a different config (changed: {', '.join(diff) or '?'}); "
                 "use a new --output, or --allow-config-change to add to it anyway"
             )
-    out.write_bytes(CONFIG_FILE, json.dumps({"digest": config_digest(config), "config": _producing_config(config)}, indent=1, sort_keys=True).encode())
+    out.write_bytes(CONFIG_FILE, json.dumps({"digest": config_digest(config), "layout": LAYOUT, "config": _producing_config(config)},
+                                            indent=1, sort_keys=True).encode())
 
 
 def write_run_json(out: OutputDir, config: PipelineConfig, summary: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -85,5 +107,83 @@ def write_run_json(out: OutputDir, config: PipelineConfig, summary: dict[str, An
     return run
 
 
-def read_errors(out: OutputDir) -> list[dict[str, Any]]:
-    return [row for n in out.list("errors", ".parquet") for row in read_error_table(out.read_bytes(f"errors/{n}"))]
+def read_errors(out: OutputDir, columns: list[str] | None = None):
+    """The errors of every committed part and the incomplete sources, as one pyarrow table (or None)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.corpus_format import error_schema
+
+    tables = [t for t in [read_table(out, "errors", columns)] if t is not None]
+    if out.exists(INCOMPLETE):
+        tables.append(pq.read_table(out.path(INCOMPLETE), filesystem=out.fs, columns=columns, schema=error_schema()))
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
+class Lease:
+    """One writer per corpus: `lease.json` names the run holding the output and is renewed every
+    `RENEW` seconds. A second run is refused while the lease is fresh; a lease left by a killed run is
+    taken over once its process is gone (same host) or it is `STALE` seconds old (any host). Works on
+    a local disk and on an object store (write, then read back: the last writer wins, and checks)."""
+
+    FILE, RENEW, STALE = "lease.json", 15.0, 60.0
+
+    def __init__(self, out: OutputDir):
+        self.out, self.token = out, uuid.uuid4().hex
+        self.host, self.pid, self.started = socket.gethostname(), os.getpid(), time.time()
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.out.read_bytes(self.FILE)) if self.out.exists(self.FILE) else None
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def alive(h: dict[str, Any]) -> bool:
+        if h.get("host") == socket.gethostname():
+            try:
+                os.kill(int(h["pid"]), 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+        return time.time() - float(h.get("renewed", 0)) < Lease.STALE
+
+    def _write(self) -> None:
+        self.out.write_bytes(self.FILE, json.dumps({"token": self.token, "host": self.host, "pid": self.pid,
+                                                    "started": self.started, "renewed": time.time()}).encode())
+
+    def acquire(self) -> Lease:
+        h = self.holder()
+        if h and self.alive(h):
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(h.get("started", 0))))
+            raise ConfigError(f"{self.out.root} is being written by another run (host {h.get('host')}, pid {h.get('pid')}, "
+                              f"since {since}); wait for it to finish, or remove {self.out.path(self.FILE)} if it is dead")
+        self._write()
+        if (self.holder() or {}).get("token") != self.token:
+            raise ConfigError(f"{self.out.root}: another run took the lease at the same moment; try again")
+        self.thread = threading.Thread(target=self._renew, daemon=True, name="csm-corpus-lease")
+        self.thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self.stop.wait(self.RENEW):
+            try:
+                self._write()
+            except OSError:  # a full disk: the run stops on its own writes
+                pass
+
+    def release(self) -> None:
+        self.stop.set()
+        if self.thread:
+            self.thread.join()
+        if (self.holder() or {}).get("token") == self.token:
+            self.out.delete(self.FILE)
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter, defaultdict
-from typing import Any, Callable
+from typing import Any
 
 from stages.corpus_format import ChunkRecord
 from stages.records import ChunkSummary
@@ -20,10 +20,7 @@ def _fmt_eta(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total_inputs: int, total_bytes: int, sizes: dict[str, int], interval: float,
-                 on_commit: Callable[[ChunkRecord, bool], None] | None = None):
-        # on_commit(record, source_done): each committed chunk, source_done on its source's last one
-        self.on_commit = on_commit
+    def __init__(self, total_inputs: int, total_bytes: int, sizes: dict[str, int], interval: float):
         self.total_inputs, self.total_bytes, self.sizes = total_inputs, max(total_bytes, 1), sizes
         self.interval = interval
         self.start = self.last_print = time.time()
@@ -72,8 +69,7 @@ class Progress:
             self.done_sources.add(r.uri)
             self.bytes_done += self.sizes.get(r.uri, 0)
             self.counts["failed_sources"] += int(r.failed and r.chunk == 0)
-        if self.on_commit:
-            self.on_commit(r, r.uri in self.done_sources)
+            del self.chunks_seen[r.uri], self.last_index[r.uri]  # memory: the sources in flight
 
     def print(self) -> None:
         self.last_print = time.time()

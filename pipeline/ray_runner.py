@@ -17,7 +17,7 @@ import logging
 import os
 import pickle
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -27,8 +27,10 @@ from pipeline.config import ConfigError, PipelineConfig, RunStopped
 from pipeline.progress import Progress
 from stages.base import WORKER_BASE_GB, Resources, Stage
 from stages.chain import build_source, build_stages
-from stages.corpus_format import INCOMPLETE_SUFFIX, OutputDir, error_table, incomplete_errors
+from stages.corpus_format import ChunkRecord, OutputDir
+from stages.corpus_parts import record_incomplete
 from stages.records import Chunk, ChunkSummary, ErrorRecord, source_id
+from stages.write import PartWriter, SinkLost
 
 log = logging.getLogger(__name__)
 DECODE_RESERVE_CPUS = 1.0  # logical CPUs fused workers leave to the decode tasks
@@ -82,6 +84,78 @@ class StageWorker:
         if self.last:
             return {"summary": [pickle.dumps(c.summary(), protocol=pickle.HIGHEST_PROTOCOL) for c in chunks]}
         return _dumps(chunks)
+
+
+class CorpusWriter:
+    """A writer actor: a PartWriter on the driver's node. Workers hand it chunk outputs; many
+    workers' chunks fill one part, so parts grow with bytes, not with workers or chunks."""
+
+    def __init__(self, output: str, shard_size: int, commit_seconds: float, link, prior: dict[str, list[ChunkRecord]]):
+        self.writer = PartWriter(OutputDir(output), shard_size, commit_seconds, link, prior)
+
+    def add(self, output) -> tuple[int, str] | None:
+        """None, or (errno, reason) when the corpus cannot be written (the worker stops the run)."""
+        try:
+            self.writer.add(output)
+        except OSError as exc:
+            return exc.errno or 0, exc.strerror or str(exc)
+        return None
+
+    def close(self) -> dict[str, int]:
+        return self.writer.close()
+
+
+class WriterSink:
+    """The write stage's sink in a worker: a chunk goes to the writer of its source (by a stable
+    hash), so one writer sees all of a source and commits its speaker labelling with its last chunk."""
+
+    def __init__(self, writers: list):
+        self.writers = writers
+
+    def add(self, output) -> None:
+        import zlib
+
+        writer = self.writers[zlib.crc32(output.record.source_id.encode()) % len(self.writers)]
+        try:
+            failed = ray.get(writer.add.remote(output))
+        except ray.exceptions.RayActorError as exc:
+            raise SinkLost(str(exc).splitlines()[0]) from None
+        if failed:
+            raise OSError(*failed)
+
+
+def start_writers(config: PipelineConfig, workers: int, prior: dict[str, list[ChunkRecord]]) -> list:
+    """The run's writer actors, on this (the driver's) node: a writer lost is the run's stop, as
+    the driver's node is. Each gets the earlier records of the partly done sources it will see."""
+    import functools
+    import zlib
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from stages.speakers import link_source
+
+    d, w = config.diarize, config.write
+    link = functools.partial(link_source, threshold=d.link_threshold, min_seconds=d.min_speaker_seconds,
+                             min_share=d.min_speaker_share) if d.link_chunks else None
+    n = config.run.writers or 1 + workers // 500
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(CorpusWriter).options(num_cpus=0, max_restarts=0, scheduling_strategy=here)
+    mine = lambda i: {sid: recs for sid, recs in prior.items() if zlib.crc32(sid.encode()) % n == i}  # noqa: E731
+    return [actor.remote(w.output, w.shard_size, w.commit_seconds, link, mine(i)) for i in range(n)]
+
+
+class ResumedSource:
+    """The source less the chunks an earlier run committed, of the sources it left incomplete."""
+
+    def __init__(self, source: Stage, skip: dict[str, set[int]]):
+        self.source, self.skip = source, skip
+
+    def resources(self) -> Resources:
+        return self.source.resources()
+
+    def chunks(self, uri: str) -> Iterator[Chunk]:
+        done = self.skip.get(uri, ())
+        return (c for c in self.source.chunks(uri) if c.index not in done)
 
 
 @dataclass(frozen=True)
@@ -313,42 +387,63 @@ def _init_ray(address: str | None, config: PipelineConfig) -> None:
     ray.init(num_cpus=num_cpus, num_gpus=config.run.num_gpus, include_dashboard=False, log_to_driver=True, **job)
 
 
-def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig, on_commit=None) -> dict[str, Any]:
+def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig,
+                 prior: dict[str, list[ChunkRecord]] | None = None) -> dict[str, Any]:
     """Process `uris` into config.write.output on the cluster `connect` joined; returns this run's
-    summary (counts, timings, the operators and what each stage ran). `on_commit`: see Progress."""
+    summary (counts, timings, the operators and what each stage ran). `prior`: the committed chunk
+    records of sources an earlier run left incomplete (their other chunks are done here)."""
+    prior = prior or {}
     source, stages = build_source(config), build_stages(config)
-    progress = Progress(len(uris), sum(sizes), dict(zip(uris, sizes)), config.run.progress_seconds, on_commit)
+    progress = Progress(len(uris), sum(sizes), dict(zip(uris, sizes)), config.run.progress_seconds)
     models = {s.name: s.describe() for s in stages}  # what each stage runs; workers add codec and diarizer
     if not uris:
         return {**progress.summary(), "models": {**models, **progress.models}}
+    for records in prior.values():
+        for r in records:
+            progress.chunk_done(r)
     max_retries = config.run.max_task_retries
     operators = plan_operators(stages, config, ray.cluster_resources())
+    writers = start_writers(config, max(op.max_actors for op in operators), prior)
+    for stage in stages:
+        if hasattr(stage, "sink"):  # the write stage: outputs go to the writer actors (pickled with it)
+            stage.sink = WriterSink(writers)
+    skip = {r.uri: {x.chunk for x in records} for records in prior.values() for r in records[:1]}
+    source = ResumedSource(source, skip) if skip else source
     if len(operators) == 1 and operators[0].fixed_pool:  # the fused chain: a work queue
         summaries = fused_summaries(uris, source, operators[0], max_retries)
     else:
         summaries = pool_summaries(uris, source, operators, max_retries)
-    with contextlib.closing(summaries):
-        for summary in summaries:
-            progress.update(summary)
-            if summary.fatal:  # every other chunk would fail the same way: stop, say why once
-                progress.finish()
-                raise RunStopped(summary.fatal)
+    try:
+        with contextlib.closing(summaries):
+            for summary in summaries:
+                progress.update(summary)
+                if summary.fatal:  # every other chunk would fail the same way: stop, say why once
+                    progress.finish()
+                    raise RunStopped(summary.fatal)
+        written = ray.get([w.close.remote() for w in writers])  # the last parts, committed
+    finally:
+        for w in writers:
+            ray.kill(w)
     progress.finish()
-    record_incomplete(OutputDir(config.write.output), uris, progress, max_retries)
-    return {**progress.summary(), "models": {**models, **progress.models}, "operators": [op.describe() for op in operators]}
+    out = OutputDir(config.write.output)
+    lost = {uri: sorted(progress.chunks_seen.get(uri, ())) for uri in uris if uri not in progress.done_sources}
+    record_incomplete(out, uris, [asdict(ErrorRecord(uri, source_id(uri), "worker", "WorkerCrashed",
+                                                     f"worker died {max_retries + 1} times; chunks completed: {seen}; rerun to retry"))
+                                  for uri, seen in lost.items()])
+    progress.errors["WorkerCrashed"] += len(lost)
+    return {**progress.summary(), "models": {**models, **progress.models}, "operators": [op.describe() for op in operators],
+            "parts_written": sum(x["parts"] for x in written)}
 
 
-def record_incomplete(out: OutputDir, uris: list[str], progress: Progress, max_retries: int) -> None:
-    """An error record for each source whose chunks did not all come back; cleared once it completes."""
-    stale = set(out.list("errors", INCOMPLETE_SUFFIX))  # one listing, not a lookup per input
-    for uri in uris:
-        rel = incomplete_errors(source_id(uri))
-        if uri in progress.done_sources:
-            if rel.rsplit("/", 1)[-1] in stale:
-                out.fs.delete_file(out.path(rel))
-            continue
-        seen = sorted(progress.chunks_seen.get(uri, ()))
-        record = ErrorRecord(uri, source_id(uri), "worker", "WorkerCrashed",
-                             f"worker died {max_retries + 1} times; chunks completed: {seen}; rerun to retry")
-        out.write_bytes(rel, error_table([record]))
-        progress.errors["WorkerCrashed"] += 1
+@contextlib.contextmanager
+def task_mapper(address: str) -> Iterator:
+    """`map_tasks(fn, argument tuples) -> results` running each call as a Ray task on the cluster at
+    `address` (the passes of `pipeline pack`)."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, log_to_driver=True)
+    try:
+        yield lambda fn, args: ray.get([ray.remote(fn).remote(*a) for a in args])
+    finally:
+        if started:
+            ray.shutdown()

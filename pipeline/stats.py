@@ -27,19 +27,15 @@ from __future__ import annotations
 
 import bisect
 import functools
-import io
-import os
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from pipeline.corpus import chunk_records, read_errors
 from stages.chain import CHAIN, Chain
-from stages.corpus_format import ChunkRecord, OutputDir
+from stages.corpus_format import CONFIG_FILE, SPEAKERS_DIR, ChunkRecord, OutputDir
+from stages.corpus_parts import COMMITS, INCOMPLETE, committed_parts, layout_problem, read_part_tables
 from stages.intervals import intersect, length, subtract, union
-from stages.corpus_format import label_map, read_speakers
 from stages.speakers import read_corpus_map
 
 PAUSES = "vad:non_speech (pauses between kept utterances)"
@@ -70,118 +66,137 @@ def funnel(chunks: list[ChunkRecord], rejected: list[dict], manifest: list[dict]
         windows.append((m["start"], m["end"]))
         uq = m.get("utterance_quality")
         spans += [(u["start"], u["end"]) for u in uq] if uq else [(m["start"], m["end"])]
-    return _funnel(chunks, recs, kept, errors, chain)
+    f = Funnel(chain)
+    f.add(chunks, recs, kept, errors)
+    return f.result()
 
 
-def _funnel(chunks: list[ChunkRecord], recs: list[Record], kept: dict[tuple[str, int], tuple[list, list]], errors: list[dict],
-            chain: Chain) -> dict[str, Any]:
-    error_stage: dict[tuple[str, int], str] = {}
-    for e in errors:
-        if e.get("chunk") is not None:
-            error_stage.setdefault((e["source_id"], e["chunk"]), e["stage"])
-    # Records to chunks by time (the chunks of a source tile its timeline, so a record needs no
-    # chunk index); kept windows and utterance spans come keyed by (source, chunk).
-    starts: dict[str, list[float]] = defaultdict(list)
-    for c in sorted(chunks, key=lambda c: (c.source_id, c.offset)):
-        starts[c.source_id].append(c.offset)
-    by_chunk: dict[tuple[str, float], list[Record]] = defaultdict(list)
-    records: Counter[str] = Counter()
-    ranks: dict[str, tuple] = {}
-    keys: dict[tuple, str] = {}
-    for r in recs:
-        sid, stage, reason, level, a, b = r
-        key = keys.get((stage, reason, level))
-        if key is None:
-            key = keys[(stage, reason, level)] = f"{stage}:{reason}"
-            ranks.setdefault(key, line_rank(stage, reason, level, chain))
-        records[key] += 1
-        offs = starts.get(sid)
-        if not offs:
-            continue
-        i = max(0, bisect.bisect_right(offs, a) - 1)
-        by_chunk[(sid, offs[i])].append((key, a, b))
-        for j in range(i + 1, len(offs)):  # a record across a chunk boundary
-            if offs[j] >= b:
-                break
-            by_chunk[(sid, offs[j])].append((key, a, b))
+class Funnel:
+    """The funnel, summed over parts: a chunk's records are all in its part, so each part's chunks
+    are attributed on their own and only the per-line totals are kept."""
 
-    seconds: Counter[str] = Counter()
-    total_in, unknown = 0.0, 0
-    for c in chunks:
-        a, b = c.offset, c.offset + c.duration
-        total_in += c.duration
-        if c.duration <= 0:
-            unknown += c.failed  # e.g. a file that could not be decoded at all
-            continue
-        if c.failed:
-            key = f"error:{error_stage.get((c.source_id, c.chunk), 'unknown')}"
-            seconds[key] += c.duration
-            ranks.setdefault(key, (-2,))
+    def __init__(self, chain: Chain = CHAIN):
+        self.chain = chain
+        self.seconds: Counter[str] = Counter()
+        self.records: Counter[str] = Counter()
+        self.ranks: dict[str, tuple] = {}
+        self.total_in, self.unknown = 0.0, 0
+
+    def add(self, chunks, recs: list[Record], kept: dict[tuple[str, int], tuple[list, list]], errors: list[dict]) -> None:
+        """`chunks`: records with source_id, chunk, offset, duration, failed; `recs`: rejection tuples."""
+        seconds, records, ranks = self.seconds, self.records, self.ranks
+        error_stage: dict[tuple[str, int], str] = {}
+        for e in errors:
+            if e.get("chunk") is not None:
+                error_stage.setdefault((e["source_id"], e["chunk"]), e["stage"])
+        # Records to chunks by time (the chunks of a source tile its timeline, so a record needs no
+        # chunk index); kept windows and utterance spans come keyed by (source, chunk).
+        starts: dict[str, list[float]] = defaultdict(list)
+        for c in sorted(chunks, key=lambda c: (c.source_id, c.offset)):
+            starts[c.source_id].append(c.offset)
+        by_chunk: dict[tuple[str, float], list] = defaultdict(list)
+        keys: dict[tuple, str] = {}
+        for r in recs:
+            sid, stage, reason, level, a, b = r
+            key = keys.get((stage, reason, level))
+            if key is None:
+                key = keys[(stage, reason, level)] = f"{stage}:{reason}"
+                ranks.setdefault(key, line_rank(stage, reason, level, self.chain))
             records[key] += 1
-            continue
-        windows, spans = kept.get((c.source_id, c.chunk), ((), ()))
-        windows = union([(max(a, s), min(b, e)) for s, e in windows])
-        taken = union([(max(a, s), min(b, e)) for s, e in spans])
-        seconds["kept"] += length(taken)
-        by_line: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        for key, s, e in by_chunk.get((c.source_id, c.offset), ()):
-            if e > a and s < b:
-                by_line[key].append((max(a, s), min(b, e)))
-        for key in sorted(by_line, key=lambda k: ranks[k]):
-            new = subtract(union(by_line[key]), taken)
-            if key == "vad:non_speech":
-                inside = intersect(new, windows)
-                seconds[PAUSES] += length(inside)
-                seconds[key] += length(new) - length(inside)
-                ranks.setdefault(PAUSES, ranks[key][:1] + (False, -1, ""))
-            else:
-                seconds[key] += length(new)
-            taken = union(taken + new)
-        seconds["unaccounted"] += max(0.0, (b - a) - length(taken))
-    kept_s = seconds.pop("kept", 0.0)
-    unaccounted = seconds.pop("unaccounted", 0.0)
-    lines = [
-        {"line": k, "hours": seconds.get(k, 0.0) / 3600, "records": records.get(k, 0)}
-        for k in sorted(set(seconds) | set(records), key=lambda k: ranks.get(k, (99,)))
-    ]
-    removed = sum(x["hours"] for x in lines)
-    return {
-        "input_hours": total_in / 3600,
-        "lines": lines,
-        "removed_hours": removed,
-        "kept_hours": kept_s / 3600,
-        "unaccounted_hours": unaccounted / 3600,
-        "total_hours": removed + (kept_s + unaccounted) / 3600,
-        "failed_unknown_duration": unknown,  # failed chunks with no decoded audio: not in the hours
-    }
+            offs = starts.get(sid)
+            if not offs:
+                continue
+            i = max(0, bisect.bisect_right(offs, a) - 1)
+            by_chunk[(sid, offs[i])].append((key, a, b))
+            for j in range(i + 1, len(offs)):  # a record across a chunk boundary
+                if offs[j] >= b:
+                    break
+                by_chunk[(sid, offs[j])].append((key, a, b))
+        for c in chunks:
+            a, b = c.offset, c.offset + c.duration
+            self.total_in += c.duration
+            if c.duration <= 0:
+                self.unknown += c.failed  # e.g. a file that could not be decoded at all
+                continue
+            if c.failed:
+                key = f"error:{error_stage.get((c.source_id, c.chunk), 'unknown')}"
+                seconds[key] += c.duration
+                ranks.setdefault(key, (-2,))
+                records[key] += 1
+                continue
+            windows, spans = kept.get((c.source_id, c.chunk), ((), ()))
+            windows = union([(max(a, s), min(b, e)) for s, e in windows])
+            taken = union([(max(a, s), min(b, e)) for s, e in spans])
+            seconds["kept"] += length(taken)
+            by_line: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            for key, s, e in by_chunk.get((c.source_id, c.offset), ()):
+                if e > a and s < b:
+                    by_line[key].append((max(a, s), min(b, e)))
+            for key in sorted(by_line, key=lambda k: ranks[k]):
+                new = subtract(union(by_line[key]), taken)
+                if key == "vad:non_speech":
+                    inside = intersect(new, windows)
+                    seconds[PAUSES] += length(inside)
+                    seconds[key] += length(new) - length(inside)
+                    ranks.setdefault(PAUSES, ranks[key][:1] + (False, -1, ""))
+                else:
+                    seconds[key] += length(new)
+                taken = union(taken + new)
+            seconds["unaccounted"] += max(0.0, (b - a) - length(taken))
+
+    def result(self) -> dict[str, Any]:
+        seconds = Counter(self.seconds)
+        kept_s = seconds.pop("kept", 0.0)
+        unaccounted = seconds.pop("unaccounted", 0.0)
+        lines = [
+            {"line": k, "hours": seconds.get(k, 0.0) / 3600, "records": self.records.get(k, 0)}
+            for k in sorted(set(seconds) | set(self.records), key=lambda k: self.ranks.get(k, (99,)))
+        ]
+        removed = sum(x["hours"] for x in lines)
+        return {
+            "input_hours": self.total_in / 3600,
+            "lines": lines,
+            "removed_hours": removed,
+            "kept_hours": kept_s / 3600,
+            "unaccounted_hours": unaccounted / 3600,
+            "total_hours": removed + (kept_s + unaccounted) / 3600,
+            "failed_unknown_duration": self.unknown,  # failed chunks with no decoded audio: not in the hours
+        }
 
 
-def _summary(values) -> dict[str, float] | None:
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    if not len(x):
-        return None
-    p = np.percentile(x, [5, 25, 50, 75, 95])
-    return {"count": int(len(x)), "mean": float(x.mean()), "min": float(x.min()), "p5": float(p[0]), "p25": float(p[1]),
-            "median": float(p[2]), "p75": float(p[3]), "p95": float(p[4]), "max": float(x.max())}
+class Reservoir:
+    """A distribution's values in bounded memory: exact count, mean, min and max; percentiles (and
+    the report's histograms) from a uniform sample of at most `size` values (seeded, so the same
+    corpus gives the same figures)."""
 
+    def __init__(self, size: int = 200_000, seed: int = 0):
+        self.size, self.rng = size, np.random.default_rng(seed)
+        self.sample = np.zeros(0)
+        self.n, self.total, self.lo, self.hi = 0, 0.0, np.inf, -np.inf
 
-def read_dir(out: OutputDir, sub: str):
-    """All parquet parts of a directory as one table, read on a thread pool (parquet decoding
-    releases the GIL): thousands of small manifest parts in seconds."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    def add(self, values) -> None:
+        x = np.asarray(values, dtype=float)
+        x = x[np.isfinite(x)]
+        if not len(x):
+            return
+        self.total += float(x.sum())
+        self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
+        room = max(0, self.size - len(self.sample))
+        self.sample = np.concatenate([self.sample, x[:room]])
+        rest = x[room:]
+        if len(rest):  # reservoir sampling (algorithm R), vectorised: item t replaces slot j < size
+            t = self.n + room + np.arange(len(rest))
+            j = (self.rng.random(len(rest)) * (t + 1)).astype(np.int64)
+            hit = j < self.size
+            self.sample[j[hit]] = rest[hit]
+        self.n += len(x)
 
-    names = out.list(sub, ".parquet")
-    if not names:
-        return pa.table({})
-
-    def read(name: str):
-        return pq.read_table(io.BytesIO(out.read_bytes(f"{sub}/{name}")), use_threads=False)
-
-    with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
-        tables = list(pool.map(read, names))
-    return pa.concat_tables(tables, promote_options="permissive")
+    def summary(self) -> dict[str, float] | None:
+        if not self.n:
+            return None
+        p = np.percentile(self.sample, [5, 25, 50, 75, 95])
+        return {"count": self.n, "mean": self.total / self.n, "min": self.lo, "p5": float(p[0]), "p25": float(p[1]),
+                "median": float(p[2]), "p75": float(p[3]), "p95": float(p[4]), "max": self.hi}
 
 
 def _col(table, name: str, default: Any = None) -> list:
@@ -242,78 +257,141 @@ def distributions_from(table, utts: dict[str, np.ndarray]) -> dict[str, np.ndarr
     return d
 
 
+CHUNK_COLUMNS = ["source_id", "uri", "chunk", "offset", "duration", "failed", "speakers"]
+REJECTION_COLUMNS = ["source_id", "stage", "reason", "level", "start", "end"]
+
+
+class _Chunk:
+    """The commit-record columns the funnel reads."""
+    __slots__ = ("source_id", "chunk", "offset", "duration", "failed")
+
+    def __init__(self, source_id, chunk, offset, duration, failed):
+        self.source_id, self.chunk, self.offset, self.duration, self.failed = source_id, chunk, offset, duration, failed
+
+
 def corpus_stats(root: str, values: bool = False, chain: Chain = CHAIN) -> dict[str, Any]:
-    """Totals, funnel and distribution summaries; `values=True` also returns the raw distribution
-    values under `distribution_values` (numpy arrays, for the report's figures)."""
+    """Totals, funnel and distribution summaries, read part by part (memory bounded by a few parts
+    and the distributions' reservoirs); `values=True` also returns the distributions' sampled values
+    under `distribution_values` (numpy arrays, for the report's figures)."""
+    import pyarrow.compute as pc
+
     out = OutputDir(root)
-    mt = read_dir(out, "manifest")
-    rt = read_dir(out, "rejected")
-    chunks = chunk_records(out)
-    errors = read_errors(out)
-    n = mt.num_rows
+    if problem := layout_problem(out):
+        raise ValueError(problem)
+    if not out.exists(CONFIG_FILE) and not committed_parts(out):
+        raise FileNotFoundError(f"{out.root} is not a corpus made by `pipeline run` (no {CONFIG_FILE}, no {COMMITS}/)")
+    f = Funnel(chain)
+    n: Counter[str] = Counter()
+    hours: Counter[str] = Counter()
+    languages: Counter[str] = Counter()
+    errors_by_type: Counter[str] = Counter()
+    errors_by_stage: Counter[str] = Counter()
+    removed: Counter[str] = Counter()
+    counted: Counter[str] = Counter()
+    by_level: Counter[str] = Counter()
+    dists: dict[str, Reservoir] = defaultdict(Reservoir)
+    failed_uris: set[str] = set()
+    subs = {COMMITS: CHUNK_COLUMNS, "manifest": None, "rejected": REJECTION_COLUMNS, "errors": ["source_id", "chunk", "stage", "error_type"],
+            SPEAKERS_DIR: ["source_id"]}
+    for _, t in read_part_tables(out, subs):
+        ct, mt, rt, et, st = (t[k] for k in subs)
+        c = {k: ct.column(k).to_pylist() for k in CHUNK_COLUMNS[:-1]}
+        chunks = [_Chunk(*x) for x in zip(c["source_id"], c["chunk"], c["offset"], c["duration"], c["failed"])]
+        n["chunks"] += len(chunks)
+        n["sources"] += sum(1 for i in c["chunk"] if i == 0)
+        failed_uris.update(u for u, bad in zip(c["uri"], c["failed"]) if bad)
+        n["chunk_speakers"] += int(pc.sum(pc.list_value_length(ct["speakers"])).as_py() or 0)
+        hours["input"] += sum(c["duration"]) / 3600
+        errors = et.to_pylist() if et is not None else []
+        for e in errors:
+            errors_by_type[e["error_type"]] += 1
+            errors_by_stage[e["stage"]] += 1
+        recs = list(zip(*(_col(rt, k) for k in REJECTION_COLUMNS))) if rt is not None else []
+        for (_, stage, reason, level, a, b) in recs:
+            removed[f"{stage}:{reason}"] += b - a
+            counted[f"{stage}:{reason}"] += 1
+            by_level[level or "window"] += 1
+        if st is not None:
+            n["speaker_rows"] += st.num_rows
+            n["linked_sources"] += pc.count_distinct(st["source_id"]).as_py()
+        kept: dict[tuple[str, int], tuple[list, list]] = defaultdict(lambda: ([], []))
+        if mt is not None:
+            n["shards"] += 1
+            _manifest_part(mt, kept, n, hours, languages, dists)
+        f.add(chunks, recs, kept, errors)
+    incomplete = _incomplete(out)
+    for e in incomplete:
+        errors_by_type[e["error_type"]] += 1
+        errors_by_stage[e["stage"]] += 1
+    corpus_map = read_corpus_map(out)
+    result = {
+        "sources": n["sources"],
+        "failed_sources": len(failed_uris),
+        "chunks": n["chunks"],
+        "shards": n["shards"],
+        "samples": n["samples"],
+        "input_hours": hours["input"],
+        "audio_hours": hours["audio"],
+        "speech_hours": hours["speech"],
+        "utterances": n["utterances"],
+        # Source speakers (speakers/); a corpus made without linking counts each chunk's speakers.
+        "speakers": n["speaker_rows"] if n["linked_sources"] else n["chunk_speakers"],
+        "linked_sources": n["linked_sources"],
+        "corpus_speakers": len({r["corpus_speaker"] for r in corpus_map}) if corpus_map else None,
+        "corpus_links": dict(Counter(r["confidence"] for r in corpus_map)),
+        "frames": n["frames"],
+        "text_chars": n["text_chars"],
+        # What the model sees: text tokens (chars / 3.5 + BOS/EOS per utterance), frames, and one
+        # end-of-audio frame per utterance (stages/windows.py's budget).
+        "text_tokens_estimate": int(n["text_chars"] / 3.5 + 2 * n["utterances"]),
+        "positions_estimate": int(n["text_chars"] / 3.5 + 3 * n["utterances"] + n["frames"]),
+        "languages": dict(languages),
+        "errors": sum(errors_by_type.values()),
+        "errors_by_type": dict(errors_by_type),
+        "errors_by_stage": dict(errors_by_stage),
+        "rejected": sum(counted.values()),
+        "rejected_by_level": dict(by_level),
+        "rejected_by_reason": dict(sorted(counted.items())),
+        "rejected_hours_by_reason": {k: v / 3600 for k, v in sorted(removed.items())},
+        "funnel": f.result(),
+        "distributions": {k: r.summary() for k, r in sorted(dists.items())},
+    }
+    if values:
+        result["distribution_values"] = {k: r.sample for k, r in sorted(dists.items())}
+    return result
+
+
+def _incomplete(out: OutputDir) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    if not out.exists(INCOMPLETE):
+        return []
+    return pq.read_table(out.path(INCOMPLETE), filesystem=out.fs, columns=["stage", "error_type"]).to_pylist()
+
+
+def _manifest_part(mt, kept, n: Counter, hours: Counter, languages: Counter, dists: dict[str, Reservoir]) -> None:
+    """One part's manifest: totals, distributions, and the kept windows and spans its funnel needs."""
+    rows = mt.num_rows
     sids, chunk_idx = _col(mt, "source_id"), _col(mt, "chunk")
     m_start, m_end = _col(mt, "start"), _col(mt, "end")
     utts = _utterances(mt)
-    # Kept windows and utterance spans per (source, chunk), for the funnel.
-    kept: dict[tuple[str, int], tuple[list, list]] = defaultdict(lambda: ([], []))
-    has_utts = np.zeros(n, dtype=bool)
+    has_utts = np.zeros(rows, dtype=bool)
     has_utts[utts["row"]] = True
-    for i in range(n):
+    for i in range(rows):
         windows, spans = kept[(sids[i], chunk_idx[i])]
         windows.append((m_start[i], m_end[i]))
         if not has_utts[i]:
             spans.append((m_start[i], m_end[i]))
     for i, s, e in zip(utts["row"].tolist(), utts.get("start", np.zeros(0)).tolist(), utts.get("end", np.zeros(0)).tolist()):
         kept[(sids[i], chunk_idx[i])][1].append((s, e))
-    r_cols = [_col(rt, c) for c in ("source_id", "stage", "reason", "level", "start", "end")]
-    recs = list(zip(*r_cols)) if rt.num_rows else []
-    removed: Counter[str] = Counter()
-    counted: Counter[str] = Counter()
-    for (sid, stage, reason, level, a, b) in recs:
-        removed[f"{stage}:{reason}"] += b - a
-        counted[f"{stage}:{reason}"] += 1
-    dists = distributions_from(mt, utts)
-    text_chars, n_utts, frames = (float(np.nansum(_np(mt, c))) for c in ("text_chars", "utterances", "frames"))
-    labels = _col(mt, "speaker_labels", [])
-    speaker_rows = read_speakers(out)
-    to_source = label_map(speaker_rows)  # chunk labels -> one labelling per source, where linked
-    corpus_map = read_corpus_map(out)
-    result = {
-        "sources": len({c.uri for c in chunks}),
-        "failed_sources": len({c.uri for c in chunks if c.failed}),
-        "chunks": len(chunks),
-        "shards": len(set(_col(mt, "shard"))),
-        "samples": n,
-        "input_hours": sum(c.duration for c in chunks) / 3600,
-        "audio_hours": float(np.nansum(_np(mt, "duration"))) / 3600,
-        "speech_hours": float(np.nansum(_np(mt, "speech_seconds"))) / 3600,
-        "utterances": int(n_utts),
-        # Distinct (source, speaker) pairs among kept windows, chunk labels mapped through speakers/.
-        "speakers": len({(sid, to_source.get((sid, c, lab), lab))
-                         for sid, c, labs in zip(sids, chunk_idx, labels) for lab in labs or ()}),
-        "linked_sources": len({r["source_id"] for r in speaker_rows}),
-        "corpus_speakers": len({r["corpus_speaker"] for r in corpus_map}) if corpus_map else None,
-        "corpus_links": dict(Counter(r["confidence"] for r in corpus_map)),
-        "frames": int(frames),
-        "text_chars": int(text_chars),
-        # What the model sees: text tokens (chars / 3.5 + BOS/EOS per utterance), frames, and one
-        # end-of-audio frame per utterance (stages/windows.py's budget).
-        "text_tokens_estimate": int(text_chars / 3.5 + 2 * n_utts),
-        "positions_estimate": int(text_chars / 3.5 + 3 * n_utts + frames),
-        "languages": dict(Counter(_col(mt, "language"))),
-        "errors": len(errors),
-        "errors_by_type": dict(Counter(e["error_type"] for e in errors)),
-        "errors_by_stage": dict(Counter(e["stage"] for e in errors)),
-        "rejected": len(recs),
-        "rejected_by_level": dict(Counter(r[3] or "window" for r in recs)),
-        "rejected_by_reason": dict(sorted(counted.items())),
-        "rejected_hours_by_reason": {k: v / 3600 for k, v in sorted(removed.items())},
-        "funnel": _funnel(chunks, recs, kept, errors, chain),
-        "distributions": {k: _summary(v) for k, v in sorted(dists.items())},
-    }
-    if values:
-        result["distribution_values"] = dists
-    return result
+    n["samples"] += rows
+    for col in ("text_chars", "utterances", "frames"):
+        n[col] += int(np.nansum(_np(mt, col)))
+    hours["audio"] += float(np.nansum(_np(mt, "duration"))) / 3600
+    hours["speech"] += float(np.nansum(_np(mt, "speech_seconds"))) / 3600
+    languages.update(_col(mt, "language"))
+    for name, v in distributions_from(mt, utts).items():
+        dists[name].add(v)
 
 
 def _hm(hours: float) -> str:

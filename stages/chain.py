@@ -116,7 +116,7 @@ CHAIN = Chain(
         StageSpec(WindowFilterStage, "filters", FiltersConfig, reasons=(*_filter_names(WINDOW_FILTERS), "no_windows")),
         # The codes do not depend on Mimi's batching (causal encoder, end padding): tests/test_models.py.
         StageSpec(TokenizeStage, "tokenize", TokenizeConfig, gpu=True, runtime_keys=(*POOL_KEYS, "batch_seconds")),
-        StageSpec(WriteStage, "write", WriteConfig, runtime_keys=("output",)),  # where, not what
+        StageSpec(WriteStage, "write", WriteConfig, runtime_keys=("output", "shard_size", "commit_seconds")),  # where, not what
     ),
 )
 

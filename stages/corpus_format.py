@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any, Iterable
 if TYPE_CHECKING:
     from stages.records import Chunk
 
-SUBDIRS = ("shards", "manifest", "rejected", "errors", "chunks", "speakers")
+SUBDIRS = ("shards", "manifest", "rejected", "errors", "speakers", "commits")
 CONFIG_FILE, RUN_FILE = "config.json", "run.json"
+# 2: parts (stages/corpus_parts.py), many chunks per shard; 1 (no `layout` in config.json): a shard per chunk.
+LAYOUT = 2
 # `pipeline pack` output: DIR/train/*.tar, and DIR/val/*.tar holding whole held-out sources.
 TRAIN_SPLIT, VAL_SPLIT = "train", "val"
 # A sample's tar members are KEY.<suffix>; WebDataset hands them over under the suffix.
@@ -37,24 +39,6 @@ def chunk_name(source_id: str, index: int) -> str:
 def sample_key(source_id: str, chunk: int, window: int) -> str:
     """Unique per window and stable across runs; no dots (WebDataset splits member names at the first)."""
     return f"{chunk_name(source_id, chunk)}-w{window:04d}"
-
-
-class ChunkFiles:
-    """Where one chunk's outputs go, relative to the corpus root. Names derive from the source id
-    and chunk index only, so a rerun writes the same names."""
-
-    def __init__(self, name: str):  # name: chunk_name(source_id, index)
-        shard = f"shard-{name}"
-        self.shard_file = f"{shard}.tar"  # the manifest's `shard` column
-        self.shard, self.manifest = f"shards/{shard}.tar", f"manifest/{shard}.parquet"
-        self.rejected, self.errors, self.record = f"rejected/{name}.parquet", f"errors/{name}.parquet", f"chunks/{name}.json"
-
-
-INCOMPLETE_SUFFIX = "-incomplete.parquet"  # errors/<source id>-incomplete.parquet: a source whose chunks did not all come back
-
-
-def incomplete_errors(source_id: str) -> str:
-    return f"errors/{source_id}{INCOMPLETE_SUFFIX}"
 
 
 class OutputDir:
@@ -75,27 +59,40 @@ class OutputDir:
         for sub in SUBDIRS:
             self.fs.create_dir(self.path(sub), recursive=True)
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        final = self.path(rel)
-        head, tail = final.rsplit("/", 1)
-        tmp = f"{head}/.tmp-{uuid.uuid4().hex[:8]}-{tail}"  # dot-prefixed: ignored by readers and globs
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, final)
-
-    def remove_temporaries(self) -> int:
-        """Delete `.tmp-*` files a killed run left behind (one writer per corpus at a time)."""
+    @property
+    def local(self) -> bool:
         from pyarrow import fs
 
-        stale = [
-            i.path
-            for sub in SUBDIRS
-            for i in self.fs.get_file_info(fs.FileSelector(self.path(sub), allow_not_found=True))
-            if i.base_name.startswith(".tmp-")
-        ]
-        for path in stale:
-            self.fs.delete_file(path)
-        return len(stale)
+        return isinstance(self.fs, fs.LocalFileSystem)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomically: on a local disk under a temporary name, then renamed; on an object store a PUT
+        already is (and a rename would be a copy)."""
+        final = self.path(rel)
+        if not self.local:
+            with self.fs.open_output_stream(final) as f:
+                f.write(data)
+            return
+        head, tail = final.rsplit("/", 1)
+        self.fs.create_dir(head, recursive=True)
+        tmp = f"{head}/.tmp-{uuid.uuid4().hex[:8]}-{tail}"  # dot-prefixed: ignored by readers and globs
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, final)
+        except BaseException:
+            self.fs.delete_file(tmp) if self.exists(tmp[len(self.root) + 1:]) else None
+            raise
+
+    def open_output(self, rel: str):
+        """A stream to write `rel` in one go (multipart on an object store); not atomic on a local
+        disk, so only for objects a later commit makes visible."""
+        if self.local:
+            self.fs.create_dir(self.path(rel).rsplit("/", 1)[0], recursive=True)
+        return self.fs.open_output_stream(self.path(rel))
+
+    def delete(self, rel: str) -> None:
+        self.fs.delete_file(self.path(rel))
 
     def exists(self, rel: str) -> bool:
         from pyarrow import fs
@@ -106,11 +103,13 @@ class OutputDir:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read()
 
-    def list(self, sub: str, suffix: str) -> list[str]:
+    def list(self, sub: str, suffix: str = "", hidden: bool = False) -> list[str]:
+        """File names in `sub` (one paged listing on an object store); dot-files only when `hidden`."""
         from pyarrow import fs
 
         infos = self.fs.get_file_info(fs.FileSelector(self.path(sub), allow_not_found=True))
-        return sorted(i.base_name for i in infos if i.base_name.endswith(suffix) and not i.base_name.startswith("."))
+        return sorted(i.base_name for i in infos
+                      if i.type == fs.FileType.File and i.base_name.endswith(suffix) and (hidden or not i.base_name.startswith(".")))
 
 
 # ----------------------------------------------------------------------------- the sample (KEY.json)
@@ -207,10 +206,10 @@ def rejection_schema():
     ])
 
 
-def manifest_row(sample: Sample, frames: int) -> dict[str, Any]:
-    """A sample's manifest row: where it is, and its quality facts as columns."""
+def manifest_row(sample: Sample, frames: int, shard: str | None = None) -> dict[str, Any]:
+    """A sample's manifest row: where it is (`shard`, set when its part is written), and its quality facts as columns."""
     return {
-        "key": sample.key, "shard": ChunkFiles(chunk_name(sample.source.id, sample.chunk)).shard_file,
+        "key": sample.key, "shard": shard,
         "source_id": sample.source.id, "source_uri": sample.source.uri, "chunk": sample.chunk,
         "start": sample.start, "end": sample.end, "duration": sample.end - sample.start, "frames": frames,
         "language": sample.language, "speaker_labels": sorted({u.speaker for u in sample.utterances}),
@@ -261,8 +260,8 @@ def read_error_table(data: bytes) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class ChunkRecord:
-    """chunks/<name>.json, written after everything it refers to: its presence commits the chunk.
-    A source is complete when its chunks 0..last all have one (resume skips it)."""
+    """A row of commits/<part>.parquet, written after everything of its part: its presence commits the
+    chunk. A source is complete when its chunks 0..last all have one (resume skips it)."""
 
     source_id: str
     uri: str
@@ -298,13 +297,35 @@ class ChunkRecord:
             speakers=chunk_speakers(chunk),
         )
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+    def to_row(self) -> dict[str, Any]:
+        """A row of commits/*.parquet (commit_schema): identities as JSON text, speakers as a list."""
+        d = asdict(self)
+        for k in ("codec", "diarizer"):
+            d[k] = None if d[k] is None else json.dumps(d[k], sort_keys=True)
+        d["speakers"] = [{"label": lab, **v} for lab, v in sorted(self.speakers.items())]
+        return d
 
     @classmethod
-    def from_json(cls, data: bytes) -> ChunkRecord:
-        d = json.loads(data)
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})  # older records lack `speakers`
+    def from_row(cls, d: dict[str, Any]) -> ChunkRecord:
+        d = dict(d)
+        for k in ("codec", "diarizer"):
+            d[k] = None if d.get(k) is None else json.loads(d[k])
+        d["speakers"] = {s["label"]: {k: v for k, v in s.items() if k != "label"} for s in d.get("speakers") or ()}
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@functools.cache
+def commit_schema():
+    import pyarrow as pa
+
+    f64, i64, s = pa.float64(), pa.int64(), pa.string()
+    speaker = pa.struct([("label", s), ("seconds", f64), ("embedding", pa.list_(pa.float32())), ("channel", i64)])
+    return pa.schema([
+        ("source_id", s), ("uri", s), ("chunk", i64), ("last", pa.bool_()), ("offset", f64), ("duration", f64),
+        ("source_duration", f64), ("shard", s), ("samples", i64), ("utterances", i64), ("frames", i64),
+        ("kept_seconds", f64), ("rejected", i64), ("errors", pa.list_(s)), ("failed", pa.bool_()), ("codec", s),
+        ("diarizer", s), ("speakers", pa.list_(speaker)),
+    ])
 
 
 def chunk_speakers(chunk: Chunk) -> dict[str, dict[str, Any]]:
@@ -319,13 +340,8 @@ def chunk_speakers(chunk: Chunk) -> dict[str, dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- speakers (stages/speakers.py links them)
 
-SPEAKERS_DIR = "speakers"  # speakers/<source_id>.parquet: one labelling per source, written when it completes
+SPEAKERS_DIR = "speakers"  # speakers/<part>.parquet: the labelling of each source that completed in that part
 CORPUS_MAP = "speaker_map.parquet"  # `pipeline link-speakers`: source speakers -> corpus speakers
-
-
-def speakers_file(source_id: str) -> str:
-    return f"{SPEAKERS_DIR}/{source_id}.parquet"
-
 
 @functools.cache
 def speakers_schema():
@@ -366,77 +382,6 @@ def read_rows(out: OutputDir, rel: str) -> list[dict[str, Any]]:
     return pq.read_table(io.BytesIO(out.read_bytes(rel))).to_pylist() if out.exists(rel) else []
 
 
-def read_speakers(out: OutputDir) -> list[dict[str, Any]]:
-    """Every source speaker row of the corpus (none for a corpus made without linking)."""
-    return [row for n in out.list(SPEAKERS_DIR, ".parquet") for row in read_rows(out, f"{SPEAKERS_DIR}/{n}")]
-
-
 def label_map(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, int, str], str]:
     """{(source_id, chunk, chunk label): source speaker} from speakers rows."""
     return {(r["source_id"], c["chunk"], c["label"]): r["speaker"] for r in rows for c in r["chunks"]}
-
-
-class SpeakerLabels:
-    """One labelling per source for samples, read lazily from the `speakers/` of the corpus a shard
-    is in (`DIR/shards/x.tar`, or a packed `DIR/train/x.tar` -> `DIR/speakers/<source_id>.parquet`).
-    A source without a map (made before linking, or not complete yet) keeps its chunk labels.
-    Picklable: the cache starts empty."""
-
-    def __init__(self):
-        self.cache: dict[tuple[str, str], dict[tuple[int, str], str]] = {}
-
-    def apply(self, sample: Sample, shard_url: str | None) -> Sample:
-        root, sid = corpus_root(shard_url), sample.source.id
-        if root is None:  # a stream: nothing to map
-            return sample
-        if (root, sid) not in self.cache:
-            rows = read_rows(OutputDir(root), speakers_file(sid))
-            self.cache[(root, sid)] = {(c, lab): spk for (_, c, lab), spk in label_map(rows).items()}
-        m = self.cache[(root, sid)]
-        for u in sample.utterances:
-            u.speaker = m.get((sample.chunk, u.speaker), u.speaker)
-        return sample
-
-
-def corpus_root(shard_url: str | None) -> str | None:
-    """The corpus root a shard is in (`DIR/shards/x.tar` or a packed `DIR/train/x.tar` -> DIR)."""
-    return shard_url.rsplit("/", 2)[0] if shard_url and shard_url.count("/") >= 2 else None
-
-
-class CorpusSpeakers:
-    """The trainer's `data.speaker_ids: corpus`: each utterance's source speaker (the labels
-    SpeakerLabels gives) becomes its corpus speaker's number from the corpus-wide map that
-    `pipeline link-speakers` writes (`DIR/speaker_map.parquet`, copied by `pipeline pack`), so one
-    voice has one id in every file. A missing map, or a speaker the map lacks (a source added or
-    relinked since), is an error: a silent fallback would give one voice several ids. Picklable."""
-
-    KEY = "data.speaker_ids=corpus"
-
-    def __init__(self):
-        self.cache: dict[str, dict[tuple[str, str], str]] = {}
-
-    def ids(self, root: str) -> dict[tuple[str, str], str]:
-        if root not in self.cache:
-            out = OutputDir(root)
-            if not out.exists(CORPUS_MAP):
-                raise FileNotFoundError(
-                    f"{self.KEY}: no corpus speaker map {out.path(CORPUS_MAP)}; run `pipeline link-speakers {root}` "
-                    "(on the pipeline's output, then pack again), or set data.speaker_ids to index or raw")
-            self.cache[root] = {(r["source_id"], r["speaker"]): r["corpus_speaker"].lstrip("C")
-                                for r in read_rows(out, CORPUS_MAP)}
-        return self.cache[root]
-
-    def apply(self, sample: Sample, shard_url: str | None) -> Sample:
-        root = corpus_root(shard_url)
-        if root is None:
-            raise ValueError(f"{self.KEY}: sample {sample.key} does not come from a corpus directory "
-                             f"({shard_url!r}), so there is no speaker_map.parquet to read")
-        ids = self.ids(root)
-        for u in sample.utterances:
-            got = ids.get((sample.source.id, u.speaker))
-            if got is None:
-                raise KeyError(f"{self.KEY}: source {sample.source.id} speaker {u.speaker} (sample {sample.key}) is not "
-                               f"in {OutputDir(root).path(CORPUS_MAP)}: the corpus changed since the map was written "
-                               "(or the source was not linked across chunks); run `pipeline link-speakers` again")
-            u.speaker = got
-        return sample

@@ -3,12 +3,12 @@
 The diarizer labels each `decode.chunk_seconds` chunk on its own (S0, S1, ... by first speech in the
 chunk). Once every chunk of a source is committed, `link_source` links those local labels into one
 labelling per source from what the chunk records hold (each local speaker's centroid and speech
-seconds): centroid-linkage agglomerative clustering with the diarizer's cosine metric and a
+seconds; the corpus writer calls it in stages/write.py): centroid-linkage agglomerative clustering with the diarizer's cosine metric and a
 threshold of its own, `diarize.link_threshold`, never joining two speakers of one chunk that both
 have enough speech in it (a short chunk's diarizer can split a voice in small clusters). Then no
 speaker keeps less than `min_speaker_seconds` of speech over the whole source: such a cluster (a
 stray third voice, a cough, a laugh) joins the nearest remaining speaker. The result is
-`speakers/<source_id>.parquet`, one row per source speaker (its embedding, seconds and the chunk
+one row per source speaker in `speakers/<part>.parquet` of the part that completes the source (its embedding, seconds and the chunk
 labels it covers); readers map `(chunk, label)` through it. `link_corpus` does the same one level
 up, across the sources of a group, for `pipeline link-speakers`.
 
@@ -22,8 +22,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from stages.corpus_format import (CORPUS_MAP, SPEAKERS_DIR, ChunkRecord, OutputDir, corpus_map_schema, read_rows, read_speakers,
-                                  speakers_file, speakers_schema, table_bytes)
+from stages.corpus_format import CORPUS_MAP, SPEAKERS_DIR, ChunkRecord, OutputDir, corpus_map_schema, read_rows, table_bytes
+from stages.corpus_parts import read_table
 
 # ----------------------------------------------------------------------------- clustering
 
@@ -175,13 +175,6 @@ def link_source(records: list[ChunkRecord], threshold: float, min_seconds: float
     return rows
 
 
-def write_source_speakers(out: OutputDir, records: list[ChunkRecord], threshold: float, min_seconds: float,
-                          min_share: float = 1.0) -> None:
-    """speakers/<source_id>.parquet for a source whose chunks are all committed."""
-    rows = link_source(records, threshold, min_seconds, min_share)
-    out.write_bytes(speakers_file(records[0].source_id), table_bytes(rows, speakers_schema()))
-
-
 # ----------------------------------------------------------------------------- across sources
 
 
@@ -226,6 +219,12 @@ def read_corpus_map(out: OutputDir) -> list[dict[str, Any]]:
     return read_rows(out, CORPUS_MAP)
 
 
+def read_speakers(out: OutputDir) -> list[dict[str, Any]]:
+    """Every source speaker row of the committed parts (none for a corpus made without linking)."""
+    table = read_table(out, SPEAKERS_DIR)
+    return table.to_pylist() if table is not None else []
+
+
 def write_corpus_map(out: OutputDir, threshold: float, group_by: str | None = None) -> list[dict[str, Any]]:
     rows = read_speakers(out)
     if group_by and rows and group_by not in rows[0]:
@@ -233,38 +232,3 @@ def write_corpus_map(out: OutputDir, threshold: float, group_by: str | None = No
     linked = link_corpus(rows, threshold, group_by)
     out.write_bytes(CORPUS_MAP, table_bytes(linked, corpus_map_schema()))
     return linked
-
-
-class SourceLinker:
-    """The driver's hook: collects a source's committed chunk records and writes its speaker map
-    once the last of them is in (pipeline/progress.py says when). `heal` writes the maps that a
-    run killed between a source's last commit and its map did not."""
-
-    def __init__(self, out: OutputDir, threshold: float, min_seconds: float, min_share: float):
-        self.out, self.threshold, self.min_seconds, self.min_share = out, threshold, min_seconds, min_share
-        self.pending: dict[str, list[ChunkRecord]] = {}
-
-    @classmethod
-    def of(cls, out: OutputDir, config) -> SourceLinker | None:
-        """From a DiarizeConfig; None when linking is off."""
-        if not config.link_chunks:
-            return None
-        return cls(out, config.link_threshold, config.min_speaker_seconds, config.min_speaker_share)
-
-    def committed(self, record: ChunkRecord, source_done: bool) -> None:
-        self.pending.setdefault(record.uri, []).append(record)
-        if source_done:
-            self.write(self.pending.pop(record.uri))
-
-    def heal(self, records: list[ChunkRecord], done: set[str]) -> int:
-        have = set(self.out.list(SPEAKERS_DIR, ".parquet"))
-        by_uri: dict[str, list[ChunkRecord]] = {}
-        for r in records:
-            if r.uri in done and f"{r.source_id}.parquet" not in have:
-                by_uri.setdefault(r.uri, []).append(r)
-        for recs in by_uri.values():
-            self.write(recs)
-        return len(by_uri)
-
-    def write(self, records: list[ChunkRecord]) -> None:
-        write_source_speakers(self.out, records, self.threshold, self.min_seconds, self.min_share)

@@ -1,43 +1,33 @@
-"""write: one WebDataset shard per chunk, then its manifest rows, rejections, errors, and last the
-chunk record that marks the chunk as done. What those files hold and where they go is
-stages/corpus_format.py's; this stage turns the records into them.
+"""write: a chunk's samples and records, serialized (`ChunkOutput`) and handed to a `PartWriter`,
+which gathers many chunks into one part of the corpus (stages/corpus_parts.py): a shard of about
+`write.shard_size` bytes, its tables, and last the commit object listing its chunk records.
 
-Every file is written under a temporary name and renamed into place, so a reader (or a resumed
-run) never sees a partial file. Names derive from the source id and chunk index only, so reruns
-produce the same names and the same bytes (tar mtimes are 0, JSON keys sorted).
+Under Ray the runner hands the stage a sink that forwards to writer actors (pipeline/ray_runner.py);
+run directly, the stage writes through a `PartWriter` of its own (call `close()` at the end).
+Sample bytes are a function of the chunk only (tar mtimes 0, JSON keys sorted), so a rerun writes
+the same samples under the same keys; which part holds a sample depends on what arrived together.
 """
 
 from __future__ import annotations
 
 import errno
-
 import io
+import shutil
 import tarfile
-from dataclasses import asdict, dataclass
-from typing import Any
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
 
 import numpy as np
 
 from stages.base import Stage
-from stages.corpus_format import (
-    AUDIO,
-    CODES,
-    JSON,
-    ChunkFiles,
-    ChunkRecord,
-    OutputDir,
-    Sample,
-    SampleUtterance,
-    SourceInfo,
-    chunk_name,
-    error_table,
-    manifest_row,
-    manifest_schema,
-    parquet_bytes,
-    rejection_rows,
-    rejection_schema,
-    sample_key,
-)
+from stages.corpus_format import (AUDIO, CODES, JSON, ChunkRecord, OutputDir, Sample, SampleUtterance, SourceInfo,
+                                  chunk_name, commit_schema, error_schema, manifest_row, manifest_schema, parquet_bytes,
+                                  rejection_rows, rejection_schema, sample_key, speakers_schema, table_bytes)
+from stages.corpus_parts import PartFiles, part_id
+from stages.overrides import require
 from stages.records import CODEC_RATE, Chunk, Window
 
 
@@ -45,16 +35,27 @@ from stages.records import CODEC_RATE, Chunk, Window
 class WriteConfig:
     output: str = ""  # corpus root (local path or URI); set by `pipeline run --output`
     keep_audio: bool = False  # also store each window's 24 kHz audio as KEY.flac
+    shard_size: int = 1_000_000_000  # bytes of samples per part (one shard and its tables)
+    commit_seconds: float = 600.0  # a part is also written once its first chunk is this old: work a kill can lose
+
+    def __post_init__(self):
+        require(self.shard_size >= 1, "shard_size", f"must be at least 1 byte, got {self.shard_size}")
+        require(0 < self.commit_seconds < float("inf"), "commit_seconds", f"must be a positive number, got {self.commit_seconds}")
 
 
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+def tar_members(members: list[tuple[str, bytes]]) -> bytes:
+    """Tar members (a USTAR header each, data padded to 512 bytes) without the end-of-archive
+    blocks, so the members of many chunks concatenate into one shard."""
+    out = bytearray()
+    for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        out += info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        out += data + b"\0" * (-len(data) % 512)
+    return bytes(out)
+
+
+END_OF_ARCHIVE = b"\0" * 1024
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -111,16 +112,145 @@ def sample_of(chunk: Chunk, w: Window) -> Sample:
     )
 
 
+
+
+@dataclass
+class ChunkOutput:
+    """Everything one chunk puts in the corpus, serialized; a PartWriter places it in a part."""
+
+    name: str  # chunk_name(source_id, index)
+    members: bytes  # tar_members of its samples
+    manifest: list[dict[str, Any]]  # `shard` set when the part is written
+    rejected: list[dict[str, Any]]
+    errors: list[dict[str, Any]]
+    record: ChunkRecord  # `shard` likewise
+
+
+def chunk_output(chunk: Chunk, keep_audio: bool) -> ChunkOutput:
+    rows, members = [], []
+    for w in chunk.windows if not chunk.failed else []:
+        sample = sample_of(chunk, w)
+        members += [(f"{sample.key}.{JSON}", sample.to_json()), (f"{sample.key}.{CODES}", _npy_bytes(w.codes))]
+        if keep_audio:
+            members.append((f"{sample.key}.{AUDIO}", _flac_bytes(chunk.codec_audio(w.start, w.end))))
+        rows.append(manifest_row(sample, int(w.codes.shape[1])))
+    uri = chunk.recording.uri
+    return ChunkOutput(chunk_name(chunk.recording.id, chunk.index), tar_members(members), rows,
+                       rejection_rows(chunk.rejected, uri), [asdict(e) for e in chunk.errors + chunk.warnings],
+                       ChunkRecord.of(chunk, None, rows))
+
+
 # A full disk, a quota, no permission, a read-only filesystem: no chunk can be written.
 FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class SinkLost(Exception):
+    """The writer a stage hands its outputs to is gone: the run stops (its work is not committed)."""
+
+
+RECENT_SOURCES = 100_000  # completed sources remembered, so a chunk retried after its source completed is dropped
+
+
+@dataclass
+class _Source:
+    records: dict[int, ChunkRecord] = field(default_factory=dict)
+    last: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.last is not None and len(self.records) == self.last + 1
+
+
+class PartWriter:
+    """Gathers chunk outputs into parts and writes each part, its commit object last.
+
+    Samples go to a local spool file, not memory. A source is complete when its chunks 0..last
+    have all arrived (with `prior` records of chunks committed by an earlier run); its speaker
+    labelling (`link(records)`, stages/speakers.py) is written in the part that completes it, so it
+    is committed with its last chunk. A chunk that arrives twice (a worker retried after handing it
+    over) is written once. Memory: the records of sources still in flight."""
+
+    def __init__(self, out: OutputDir, shard_size: int, commit_seconds: float,
+                 link: Callable[[list[ChunkRecord]], list[dict[str, Any]]] | None = None,
+                 prior: dict[str, list[ChunkRecord]] | None = None):
+        self.out, self.shard_size, self.commit_seconds, self.link = out, shard_size, commit_seconds, link
+        self.sources: dict[str, _Source] = {}
+        for sid, records in (prior or {}).items():
+            self.sources[sid] = _Source({r.chunk: r for r in records}, next((r.chunk for r in records if r.last), None))
+        self.recent: OrderedDict[str, None] = OrderedDict()
+        self.spool = None
+        self.pending: list[ChunkOutput] = []
+        self.speakers: list[dict[str, Any]] = []
+        self.opened = 0.0
+        self.parts = self.chunks = 0
+
+    def add(self, output: ChunkOutput) -> None:
+        r = output.record
+        state = self.sources.setdefault(r.source_id, _Source()) if r.source_id not in self.recent else None
+        if state is None or r.chunk in state.records:
+            return  # already here or committed: a retried chunk
+        if self.spool is None:
+            self.spool, self.opened = tempfile.TemporaryFile(prefix="csm-part-"), time.monotonic()
+        self.spool.write(output.members)
+        self.pending.append(replace(output, members=b""))
+        state.records[r.chunk] = r
+        if r.last:
+            state.last = r.chunk
+        if state.complete:
+            if self.link:
+                self.speakers += self.link(sorted(state.records.values(), key=lambda x: x.chunk))
+            del self.sources[r.source_id]
+            self.recent[r.source_id] = None
+            if len(self.recent) > RECENT_SOURCES:
+                self.recent.popitem(last=False)
+        if self.spool.tell() >= self.shard_size or time.monotonic() - self.opened >= self.commit_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the part: shard, manifest, rejections, errors, speakers, then the commit object."""
+        if not self.pending:
+            return
+        outputs = sorted(self.pending, key=lambda o: o.name)
+        files = PartFiles(part_id(o.name for o in outputs))
+        manifest = sorted(({**row, "shard": files.shard_file} for o in outputs for row in o.manifest), key=lambda r: r["key"])
+        if manifest:
+            self.spool.seek(0)
+            with self.out.open_output(files.shard) as f:  # multipart on an object store
+                shutil.copyfileobj(self.spool, f, 8 << 20)
+                f.write(END_OF_ARCHIVE)
+            self.out.write_bytes(files.manifest, parquet_bytes(manifest, manifest_schema()))
+        rejected = [row for o in outputs for row in o.rejected]
+        if rejected:
+            self.out.write_bytes(files.rejected, parquet_bytes(rejected, rejection_schema()))
+        errors = [row for o in outputs for row in o.errors]
+        if errors:
+            self.out.write_bytes(files.errors, parquet_bytes(errors, error_schema()))
+        if self.speakers:
+            self.out.write_bytes(files.speakers, table_bytes(self.speakers, speakers_schema()))
+        records = [replace(o.record, shard=files.shard_file if o.manifest else None).to_row() for o in outputs]
+        self.out.write_bytes(files.commit, table_bytes(records, commit_schema()))  # the commit point
+        self.parts, self.chunks = self.parts + 1, self.chunks + len(outputs)
+        self.spool.close()
+        self.spool, self.pending, self.speakers = None, [], []
+
+    def close(self) -> dict[str, int]:
+        self.flush()
+        return {"parts": self.parts, "chunks": self.chunks}
 
 
 class WriteStage(Stage):
     name = "write"
     handles_done = True  # failed and rejected chunks still leave their records
 
+    def __init__(self, config: WriteConfig):
+        super().__init__(config)
+        # Where outputs go: set by the runner (writer actors), else a PartWriter of this stage's own.
+        self.sink: Any = None
+
     def setup(self) -> None:
-        self.out = OutputDir(self.config.output)
+        if self.sink is None:
+            c = self.config
+            self.sink = PartWriter(OutputDir(c.output), c.shard_size, c.commit_seconds)
 
     def process(self, chunk: Chunk) -> Chunk:
         try:
@@ -130,27 +260,19 @@ class WriteStage(Stage):
                 chunk.fatal = f"cannot write to {self.config.output}: {exc.strerror or exc}"
                 return chunk
             raise
+        except SinkLost as exc:
+            chunk.fatal = f"the corpus writer stopped: {exc}"
+            return chunk
 
     def write(self, chunk: Chunk) -> Chunk:
-        files = ChunkFiles(chunk_name(chunk.recording.id, chunk.index))
-        rows, members = [], []
-        for w in chunk.windows if not chunk.failed else []:
-            sample = sample_of(chunk, w)
-            members += [(f"{sample.key}.{JSON}", sample.to_json()), (f"{sample.key}.{CODES}", _npy_bytes(w.codes))]
-            if self.config.keep_audio:
-                members.append((f"{sample.key}.{AUDIO}", _flac_bytes(chunk.codec_audio(w.start, w.end))))
-            rows.append(manifest_row(sample, int(w.codes.shape[1])))
-        if rows:
-            self.out.write_bytes(files.shard, _tar_bytes(members))
-            self.out.write_bytes(files.manifest, parquet_bytes(rows, manifest_schema()))
-        if chunk.rejected:
-            self.out.write_bytes(files.rejected, parquet_bytes(rejection_rows(chunk.rejected, chunk.recording.uri), rejection_schema()))
-        if chunk.errors or chunk.warnings:
-            self.out.write_bytes(files.errors, error_table(chunk.errors + chunk.warnings))
-        record = ChunkRecord.of(chunk, files.shard_file if rows else None, rows)
-        # The chunk record is the commit point: written last, after everything it refers to.
-        self.out.write_bytes(files.record, record.to_json())
-        chunk.committed = record
+        output = chunk_output(chunk, self.config.keep_audio)
+        self.sink.add(output)
+        chunk.committed = output.record  # handed over: committed with its part
         chunk.drop_audio()
         chunk.windows = []
         return chunk
+
+    def close(self) -> None:
+        """Write what this stage's own PartWriter holds (run directly, without the runner)."""
+        if isinstance(self.sink, PartWriter):
+            self.sink.close()

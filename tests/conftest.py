@@ -94,3 +94,62 @@ def clips(sample_wav, tmp_path_factory) -> list[Path]:
         sf.write(p, audio[int(start * rate) : int((start + 15.0) * rate)], rate)
         paths.append(p)
     return paths
+
+
+def corpus_files(out: Path) -> dict[str, bytes]:
+    """Everything a run commits that must be identical across runs, by a name that does not depend on
+    which part holds it: each sample's tar members (`sample/<member>`), and each table row
+    (`<table>/<identity>`, JSON of the row less its part's shard name). Uncommitted objects are not
+    in the corpus and not in this. run.json (timings) is left out."""
+    import json
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from stages.corpus_format import OutputDir
+    from stages.corpus_parts import COMMITS, INCOMPLETE, PartFiles, committed_parts, read_part_tables
+
+    corpus = OutputDir(str(out))
+    files: dict[str, bytes] = {}
+
+    def put(name: str, row: dict) -> None:
+        row = {k: v for k, v in row.items() if k != "shard"}
+        n = 0
+        while f"{name}#{n}" in files:
+            n += 1
+        files[f"{name}#{n}"] = json.dumps(row, sort_keys=True, default=str).encode()
+
+    for part in committed_parts(corpus):
+        shard = out / PartFiles(part).shard
+        if shard.exists():
+            with tarfile.open(shard) as tar:
+                for m in tar:
+                    files[f"sample/{m.name}"] = tar.extractfile(m).read()
+    ident = {"manifest": lambda r: r["key"], COMMITS: lambda r: f"{r['source_id']}-c{r['chunk']:04d}",
+             "rejected": lambda r: f"{r['source_id']}-{r['stage']}-{r['reason']}-{r['start']}-{r['end']}",
+             "errors": lambda r: f"{r['source_id']}-{r['chunk']}-{r['stage']}-{r['error_type']}",
+             "speakers": lambda r: f"{r['source_id']}-{r['speaker']}"}
+    for _, tables in read_part_tables(corpus, {sub: None for sub in ident}):
+        for sub, table in tables.items():
+            for row in table.to_pylist() if table is not None else ():
+                put(f"{sub}/{ident[sub](row)}", row)
+    if (out / INCOMPLETE).exists():
+        for row in pq.read_table(out / INCOMPLETE).to_pylist():
+            put(f"incomplete/{row['source_id']}", row)
+    return files
+
+
+def commit_records(out, records, threshold: float, min_seconds: float, min_share: float = 1.0) -> None:
+    """Commit chunk records (no samples) through the pipeline's PartWriter with linking on, as a run
+    does: a source's speaker labelling is written in the part that completes it."""
+    import functools
+
+    from stages.corpus_format import chunk_name
+    from stages.speakers import link_source
+    from stages.write import ChunkOutput, PartWriter
+
+    link = functools.partial(link_source, threshold=threshold, min_seconds=min_seconds, min_share=min_share)
+    writer = PartWriter(out, 1 << 40, float("inf"), link)
+    for r in records:
+        writer.add(ChunkOutput(chunk_name(r.source_id, r.chunk), b"", [], [], [], r))
+    writer.close()

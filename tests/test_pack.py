@@ -11,48 +11,36 @@ import pandas as pd
 import pytest
 
 from pipeline.pack import pack, parse_size
-from stages.corpus_format import (CODES, JSON, ChunkFiles, OutputDir, Sample, chunk_name, manifest_row, manifest_schema,
-                                  parquet_bytes, sample_key)
-from train.testing import make_sample
-
-
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+from stages.corpus_format import CODES, JSON, Sample, sample_key
+from stages.corpus_parts import committed_parts
+from stages.corpus_format import OutputDir
+from train.testing import make_sample, write_corpus
 
 
 def make_corpus(root: Path, sources: int = 6, chunks: int = 2, per_chunk: int = 5) -> dict[str, bytes]:
-    """A corpus laid out as `pipeline run` writes it; the last source is a re-upload of the first
-    (same codes under other keys). Returns key -> codes bytes."""
-    out = OutputDir(str(root))
-    out.makedirs()
+    """A corpus laid out as `pipeline run` writes it (a part per chunk); the last source is a
+    re-upload of the first (same codes under other keys). Returns key -> codes bytes."""
     rng = np.random.default_rng(0)
     codes: dict[str, bytes] = {}
     first: list[dict] = []
+    todo = []
     for s in range(sources):
         sid = f"talk{s}-{s:010x}"
         for c in range(chunks):
-            members, rows = [], []
+            raws = []
             for w in range(per_chunk):
                 key = sample_key(sid, c, w)
-                raw = make_sample(rng, key, released=True)
+                raw = make_sample(rng, key, released=True, source=sid)
                 if s == sources - 1:  # the duplicate source: the first source's codes again
                     raw = {**raw, CODES: first[c * per_chunk + w][CODES]}
                 elif s == 0:
                     first.append(raw)
                 sample = Sample.from_json(raw[JSON])
-                sample.source.id, sample.source.uri, sample.chunk = sid, f"file:///{sid}.wav", c
-                members += [(f"{key}.{JSON}", sample.to_json()), (f"{key}.{CODES}", raw[CODES])]
-                rows.append(manifest_row(sample, frames=int(sample.utterances[-1].frames[1])))
+                sample.chunk = c
+                raws.append({**raw, JSON: sample.to_json()})
                 codes[key] = raw[CODES]
-            files = ChunkFiles(chunk_name(sid, c))
-            out.write_bytes(files.shard, _tar(members))
-            out.write_bytes(files.manifest, parquet_bytes(rows, manifest_schema()))
+            todo.append((sid, c, c == chunks - 1, raws))
+    write_corpus(root, todo)
     return codes
 
 
@@ -70,7 +58,8 @@ def test_pack_splits_by_source_sizes_shards_and_drops_re_uploads(tmp_path):
     import webdataset as wds
 
     codes = make_corpus(tmp_path / "corpus")
-    (tmp_path / "corpus" / "speakers" / "talk0-0000000000.parquet").write_bytes(b"a speaker map")
+    part = committed_parts(OutputDir(str(tmp_path / "corpus")))[0]
+    (tmp_path / "corpus" / "speakers" / f"part-{part}.parquet").write_bytes(b"a speaker map")
     summary = pack(str(tmp_path / "corpus"), str(tmp_path / "packed"), shard_size=40_000, val_fraction=0.2, seed=1)
     packed = tmp_path / "packed"
     dups = pd.read_parquet(packed / "duplicates.parquet")
@@ -78,8 +67,8 @@ def test_pack_splits_by_source_sizes_shards_and_drops_re_uploads(tmp_path):
     assert set(dups.duplicate_of_source) == {"talk0-0000000000"}
     seen: dict[str, set[str]] = {}
     for split in ("train", "val"):
-        index = pd.read_parquet(packed / split / "index.parquet")
-        manifest = pd.read_parquet(packed / split / "manifest.parquet")
+        index = pd.read_parquet(packed / split / "index")
+        manifest = pd.read_parquet(packed / split / "manifest")
         keys = []
         for row in index.itertuples():
             path = packed / split / row.shard
@@ -97,7 +86,7 @@ def test_pack_splits_by_source_sizes_shards_and_drops_re_uploads(tmp_path):
         assert keys != sorted(keys)  # shuffled, not in corpus order
     assert not seen["train"] & seen["val"] and seen["val"]  # no source in both, and val is not empty
     assert summary["splits"]["train"]["samples"] + summary["splits"]["val"]["samples"] == len(codes) - 10
-    assert (packed / "speakers" / "talk0-0000000000.parquet").read_bytes() == b"a speaker map"  # the trainer applies it
+    assert (packed / "speakers" / f"part-{part}.parquet").read_bytes() == b"a speaker map"  # the trainer applies it
 
 
 def test_packing_twice_or_after_an_interruption_gives_the_same_bytes(tmp_path):
@@ -106,14 +95,16 @@ def test_packing_twice_or_after_an_interruption_gives_the_same_bytes(tmp_path):
     pack(str(tmp_path / "corpus"), str(tmp_path / "a"), **args)
     pack(str(tmp_path / "corpus"), str(tmp_path / "b"), **args)
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
-    # an interrupted pack: a truncated shard, a leftover temporary, no pack.json
-    first = next((tmp_path / "b" / "train").glob("*.tar"))
-    first.write_bytes(first.read_bytes()[:1000])
-    (tmp_path / "b" / "train" / ".tmp-shard-000009.tar").write_bytes(b"partial")
+    # interrupted in its last window: a truncated shard, no window marker, no pack.json
+    last = sorted((tmp_path / "b" / ".pack" / "windows").glob("*.json"))[-1]
+    shard = sorted((tmp_path / "b" / "train").glob(f"shard-{last.stem}-*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    last.unlink()
     (tmp_path / "b" / "pack.json").unlink()
     pack(str(tmp_path / "corpus"), str(tmp_path / "b"), **args)
-    (tmp_path / "b" / "train" / ".tmp-shard-000009.tar").unlink()  # not ours to know; readers skip dot files
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
+    with pytest.raises(ValueError, match="other settings"):  # never mixed with another pack's shards
+        pack(str(tmp_path / "corpus"), str(tmp_path / "b"), **{**args, "shard_size": 20_000})
     # another seed shuffles differently
     pack(str(tmp_path / "corpus"), str(tmp_path / "c"), **{**args, "seed": 8})
     assert _tree(tmp_path / "a") != _tree(tmp_path / "c")

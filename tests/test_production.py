@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from conftest import run_cli
+from conftest import corpus_files, run_cli
 from pipeline.config import RunStopped, load_config
 from stages.base import Stage
 from stages.chain import CHAIN, StageSpec
@@ -20,11 +20,6 @@ from stages.records import Chunk
 from stages.write import WriteConfig, WriteStage
 
 FAST = ["tokenize.allow_unreleased=true", "decode.chunk_seconds=12", "decode.cut_search_seconds=2", "run.workers=1"]
-
-
-def corpus_files(out: Path) -> dict[str, bytes]:
-    return {f"{sub}/{p.name}": p.read_bytes() for sub in ("shards", "manifest", "chunks", "rejected", "errors")
-            for p in sorted((out / sub).glob("*"))}
 
 
 def run(clips, out: Path, chain=CHAIN, sets=()):
@@ -93,7 +88,7 @@ def test_a_model_that_fails_in_setup_ends_the_run_once_not_as_crashes(ray_sessio
     out = tmp_path / "corpus"
     with pytest.raises(RunStopped, match="broken could not start: FileNotFoundError: no model at /models/missing.bin"):
         run(clips, out, CHAIN.inserted(broken_spec(), after="vad"))
-    assert list((out / "errors").glob("*")) == [] and list((out / "chunks").glob("*")) == []  # no WorkerCrashed, no per-input error
+    assert list((out / "errors").glob("*")) == [] and list((out / "commits").glob("*")) == []  # no WorkerCrashed, no per-input error
     assert "broken could not start" in (out / "run.json").read_text()
 
 

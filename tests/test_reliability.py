@@ -19,19 +19,15 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from tests.conftest import run_cli, tone
+from tests.conftest import corpus_files, run_cli, tone
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--set", "tokenize.allow_unreleased=true", "--set", "decode.chunk_seconds=12", "--set", "decode.cut_search_seconds=2"]
+EACH = ["--set", "write.shard_size=1"]  # a part per chunk: commits show the progress a kill waits for
 
 
-def corpus_files(out: Path) -> dict[str, bytes]:
-    """Everything a run produces that must be identical across runs (run.json has timings)."""
-    files = {}
-    for sub in ("shards", "manifest", "chunks", "rejected", "errors"):
-        for p in sorted((out / sub).glob("*")):
-            files[f"{sub}/{p.name}"] = p.read_bytes()
-    return files
+def commits(out: Path) -> int:
+    return len(list((out / "commits").glob("part-*.parquet")))
 
 
 def cli(args: list[str], **kw) -> subprocess.Popen:
@@ -56,7 +52,7 @@ def reference(clips, tmp_path_factory) -> Path:
 
 
 def test_reference_run_has_several_chunks_per_source(reference):
-    chunks = [json.loads(p.read_text()) for p in (reference / "chunks").glob("*.json")]
+    chunks = pq.read_table(reference / "commits").to_pylist()
     assert len(chunks) >= 4 and sum(c["samples"] for c in chunks) >= 2
     assert {c["chunk"] for c in chunks} >= {0, 1}
 
@@ -83,9 +79,9 @@ def test_a_pool_per_stage_gives_exactly_the_fused_corpus(reference, clips, tmp_p
 @pytest.mark.parametrize("kill_after_chunks", [1, 3])
 def test_sigkill_then_resume_gives_exactly_the_uninterrupted_corpus(reference, clips, tmp_path, kill_after_chunks):
     out = tmp_path / "corpus"
-    proc = cli([*map(str, clips), "--output", str(out), *FAST])
+    proc = cli([*map(str, clips), "--output", str(out), *FAST, *EACH])
     deadline = time.time() + 600
-    while len(list((out / "chunks").glob("*.json"))) < kill_after_chunks and proc.poll() is None:
+    while commits(out) < kill_after_chunks and proc.poll() is None:
         assert time.time() < deadline
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray workers and raylet: no cleanup at all
@@ -93,8 +89,10 @@ def test_sigkill_then_resume_gives_exactly_the_uninterrupted_corpus(reference, c
     partial = corpus_files(out)
     assert 0 < len(partial) and len(partial) <= len(corpus_files(reference))
     finish(cli([*map(str, clips), "--output", str(out), *FAST]))
-    assert corpus_files(out) == corpus_files(reference)  # same names, same bytes: none missing, none twice
+    assert corpus_files(out) == corpus_files(reference)  # the same samples and rows: none missing, none twice
     assert not list(out.rglob(".tmp-*"))
+    parts = {p.stem for p in (out / "commits").glob("*.parquet")}
+    assert all(p.stem.split(".")[0] in parts for sub in ("shards", "manifest") for p in (out / sub).iterdir())  # nothing uncommitted
 
 
 def test_bad_inputs_are_recorded_and_good_files_unchanged(ray_session, clips, reference, tmp_path):
@@ -202,12 +200,12 @@ def _ray_workers(name: str) -> list[int]:
 
 def test_worker_killed_mid_run_is_retried_and_loses_nothing(reference, clips, tmp_path):
     out = tmp_path / "corpus"
-    proc = cli([*map(str, clips), "--output", str(out), *FAST])
+    proc = cli([*map(str, clips), "--output", str(out), *FAST, *EACH])
     deadline, killed = time.time() + 600, []
     # Kill the actors (model workers) as soon as the first chunk is through, while work remains.
     while not killed and proc.poll() is None:
         assert time.time() < deadline
-        if list((out / "chunks").glob("*.json")):
+        if commits(out):
             killed = _ray_workers("StageWorker")
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)
@@ -235,23 +233,23 @@ def test_several_nodes_give_the_same_samples(reference, clips, tmp_path):
 def test_input_that_keeps_killing_workers_is_recorded_then_retried_on_resume(reference, clips, tmp_path):
     out = tmp_path / "corpus"
     args = [*map(str, clips), "--output", str(out), *FAST]
-    proc = cli([*args, "--set", "run.max_task_retries=1"])
+    proc = cli([*args, *EACH, "--set", "run.max_task_retries=1"])
     start, kills = time.time(), 0
     while proc.poll() is None:
         assert time.time() - start < 600, "run hung"
-        if list((out / "chunks").glob("*.json")):  # once work flows, every model worker dies on sight
+        if commits(out):  # once work flows, every model worker dies on sight
             for pid in _ray_workers("StageWorker"):
                 os.kill(pid, signal.SIGKILL)
                 kills += 1
         time.sleep(0.5)
     log = proc.stdout.read().decode(errors="replace")
     assert proc.returncode == 0, log[-3000:]
-    crashed = [row for p in (out / "errors").glob("*-incomplete.parquet") for row in pq.read_table(p).to_pylist()]
+    crashed = pq.read_table(out / "incomplete.parquet").to_pylist()
     assert kills and crashed and all(c["error_type"] == "WorkerCrashed" for c in crashed)
     # The crashed sources are not marked done: a rerun retries them and ends with the full corpus.
     finish(cli(args))
     assert corpus_files(out) == corpus_files(reference)
-    assert not list((out / "errors").glob("*-incomplete.parquet"))
+    assert not (out / "incomplete.parquet").exists()
 
 
 def test_adding_inputs_processes_only_the_new_ones(reference, clips, tmp_path):

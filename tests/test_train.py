@@ -328,27 +328,32 @@ def test_batch_stream_resumes_at_any_position_with_two_workers(corpus, start):
 
 
 def test_eval_sources_are_held_out_whole(tmp_path):
-    root = make_shards(tmp_path / "many", n_shards=20, per_shard=1)
-    train_urls, eval_urls = data.list_shards(root, 0.2)
-    assert eval_urls and train_urls
-    sources = [{data.shard_source(u) for u in urls} for urls in (train_urls, eval_urls)]
-    assert not sources[0] & sources[1] and len(sources[0] | sources[1]) == 20
-    # The split is by each sample's own source too, not only by file name.
+    root = make_shards(tmp_path / "many", n_shards=20, per_shard=2)
+    train, held = data.list_shards(root, 0.2)
+    assert held and train
+    # A pipeline corpus's shards mix sources: both splits read them and keep their own sources' samples.
     cfg = load_config("configs/train/tiny.yaml")
-    read = [{Sample.from_json(s[JSON]).source.id
-             for s in data.wds.DataPipeline(data.wds.SimpleShardList(urls), data.wds.tarfile_to_samples())}
-            for urls in (train_urls, eval_urls)]
-    assert read == sources and cfg.data.eval_fraction > 0
-    assert data.list_shards(root, 0.2) == (train_urls, eval_urls)  # stable
-    assert data.list_shards(root, 0.0) == (sorted(train_urls + eval_urls), [])
-    # A `pipeline pack` output brings its own split (val/ holds whole sources).
-    for split, urls in (("train", train_urls), ("val", eval_urls)):
+    read = [[Sample.from_json(s[JSON]).source.id
+             for s in data.wds.DataPipeline(data.wds.SimpleShardList(list(urls)), data.wds.tarfile_to_samples(),
+                                            data.wds.select(urls.admits))]
+            for urls in (train, held)]
+    sources = [set(r) for r in read]
+    assert not sources[0] & sources[1] and len(sources[0] | sources[1]) == 20 and len(read[0] + read[1]) == 40
+    assert 0 < len(sources[1]) < 10 and cfg.data.eval_fraction > 0
+    assert data.list_shards(root, 0.2) == (train, held) and data.list_shards(root, 0.2)[1].sources == held.sources  # stable
+    everything, none = data.list_shards(root, 0.0)
+    assert everything == train and everything.sources is None and none == []
+    # A `pipeline pack` output brings its own split (val/ holds whole sources), once it has finished.
+    for split, urls in (("train", train[:15]), ("val", train[15:])):
         (tmp_path / "packed" / split).mkdir(parents=True)
         for u in urls:
             os.symlink(u, tmp_path / "packed" / split / os.path.basename(u))
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        data.list_shards(tmp_path / "packed", 0.05)
+    (tmp_path / "packed" / "pack.json").write_text("{}")
     packed = data.list_shards(tmp_path / "packed", 0.05)
     assert [[os.path.basename(u) for u in urls] for urls in packed] == [[os.path.basename(u) for u in urls]
-                                                                      for urls in (train_urls, eval_urls)]
+                                                                      for urls in (train[:15], train[15:])]
 
 
 def test_activation_checkpointing_same_gradients(corpus):

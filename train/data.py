@@ -22,8 +22,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from stages.corpus_format import CODES, JSON, TRAIN_SPLIT, VAL_SPLIT, CorpusSpeakers, Sample, SpeakerLabels
+from stages.corpus_format import CODES, JSON, TRAIN_SPLIT, VAL_SPLIT, OutputDir, Sample
+from stages.corpus_parts import COMMITS, PartFiles, committed_parts, read_table
 from train.config import DataConfig
+from train.speakers import CorpusSpeakers, SpeakerLabels
 
 log = logging.getLogger(__name__)
 
@@ -73,39 +75,60 @@ def load_tokenizer(name: str):
     return tok
 
 
-_SHARD_SOURCE = re.compile(r"^shard-(.+)-c\d{4}\.tar$")  # stages.corpus_format: shard-{source}-c{chunk}.tar
+_KEY_SOURCE = re.compile(r"^(.+)-c\d{4}-w\d{4}$")  # stages.corpus_format.sample_key
 MIMI_CODES = 2048  # codes per codebook of the pipeline's codec
 
 
-def shard_source(shard: str) -> str:
-    """The source id a pipeline shard holds (one chunk of one source per shard)."""
-    m = _SHARD_SOURCE.match(Path(shard).name)
-    return m.group(1) if m else Path(shard).name
+def key_source(key: str) -> str:
+    """The source id of a sample key."""
+    m = _KEY_SOURCE.match(key)
+    return m.group(1) if m else key
 
 
 def source_hash(source: str) -> float:
     return int(hashlib.sha1(source.encode()).hexdigest()[:15], 16) / 16**15
 
 
-def list_shards(shards_dir: str | Path, eval_fraction: float) -> tuple[list[str], list[str]]:
+class Split(list):
+    """Shard urls, and the held-out sources a sample must (`held=True`) or must not be from when a
+    corpus's shards mix sources (None: every sample of these shards). Picklable."""
+
+    def __init__(self, urls, sources: frozenset[str] | None = None, held: bool = False):
+        super().__init__(urls)
+        self.sources, self.held = sources, held
+
+    def admits(self, raw: dict) -> bool:
+        return self.sources is None or (key_source(raw["__key__"]) in self.sources) == self.held
+
+
+def list_shards(shards_dir: str | Path, eval_fraction: float) -> tuple[Split, Split]:
     """(train, eval) shards, split by source: a source whose hash falls under `eval_fraction` is held
     out whole (at least one source when the fraction is positive), so no source is in both splits
-    and adding sources never moves an existing one."""
+    and adding sources never moves an existing one. A packed corpus's val/ already holds whole
+    sources; in a pipeline corpus a shard holds many sources, so both splits read every committed
+    shard and keep their own sources' samples."""
     packed = Path(shards_dir) / TRAIN_SPLIT
     if packed.is_dir():  # `pipeline pack` output: its val/ split already holds whole sources
+        if not (Path(shards_dir) / "pack.json").exists():
+            raise FileNotFoundError(f"the pack at {shards_dir} did not finish (no pack.json): run the same `pipeline pack` again")
         val = sorted(str(p) for p in (Path(shards_dir) / VAL_SPLIT).glob("*.tar")) if eval_fraction else []
-        return sorted(str(p) for p in packed.glob("*.tar")), val
-    shards = sorted(str(p) for p in (Path(shards_dir) / "shards").glob("*.tar"))
+        return Split(sorted(str(p) for p in packed.glob("*.tar"))), Split(val)
+    out = OutputDir(str(shards_dir))
+    parts = committed_parts(out)
+    shards = [out.path(PartFiles(p).shard) for p in parts if out.exists(PartFiles(p).shard)]
     if not shards:
-        raise FileNotFoundError(f"no shards under {Path(shards_dir) / 'shards'}")
+        raise FileNotFoundError(f"no committed shards under {out.path('shards')} (is {shards_dir} a corpus made by `pipeline run`?)")
     if not eval_fraction:
-        return shards, []
-    sources = sorted({shard_source(s) for s in shards}, key=source_hash)
-    held = {s for s in sources if source_hash(s) < eval_fraction} or {sources[0]}
+        return Split(shards), Split([])
+    ids = read_table(out, COMMITS, ["source_id", "chunk"], parts)
+    import pyarrow.compute as pc
+
+    sources = sorted(set(ids.filter(pc.equal(ids["chunk"], 0))["source_id"].to_pylist()), key=source_hash)
+    held = frozenset({s for s in sources if source_hash(s) < eval_fraction} or {sources[0]})
     if len(held) == len(sources):
         raise ValueError(f"{len(sources)} source(s) cannot hold out data.eval_fraction={eval_fraction}; "
                          "set data.eval_fraction: 0")
-    return [s for s in shards if shard_source(s) not in held], [s for s in shards if shard_source(s) in held]
+    return Split(shards, held, held=False), Split(shards, held, held=True)
 
 
 def check_codec(sample: Sample, allow_unreleased: bool, where: str) -> None:
@@ -236,6 +259,7 @@ class ShardStream(IterableDataset):
         pipeline = wds.DataPipeline(
             lambda: ({"url": rng.choice(urls)} for _ in itertools.count()),
             wds.tarfile_to_samples(),
+            wds.select(getattr(self.urls, "admits", lambda raw: True)),
             wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng),
             wds.map(self.decoder),
             wds.select(_nonempty),
@@ -280,8 +304,9 @@ class BatchStream:
 def eval_batches(urls, decoder: SampleDecoder, batch_size: int, max_batches: int) -> list[dict]:
     """The first `max_batches` batches of the held-out shards, in order; the same on every rank."""
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(urls),
+        wds.SimpleShardList(list(urls)),
         wds.tarfile_to_samples(),
+        wds.select(getattr(urls, "admits", lambda raw: True)),
         wds.map(decoder),
         wds.select(_nonempty),
         wds.batched(batch_size, collation_fn=collate, partial=True),

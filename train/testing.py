@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.corpus_format import CODES, JSON, ChunkFiles, Sample, SampleUtterance, SourceInfo, chunk_name, sample_key
+from stages.corpus_format import (CODES, JSON, ChunkRecord, OutputDir, Sample, SampleUtterance, SourceInfo, chunk_name,
+                                  manifest_row, sample_key)
 
 WORDS = "hello there how are you doing today fine thanks and what about the weather yes no maybe okay".split()
 
@@ -51,20 +52,44 @@ def make_sample(rng: np.random.Generator, key: str, released: bool, num_codebook
     return {"__key__": key, JSON: sample.to_json(), CODES: buf.getvalue()}
 
 
+def write_corpus(out_dir: str | Path, chunks: list[tuple[str, int, bool, list[dict]]], part_bytes: int = 1) -> Path:
+    """A corpus as `pipeline run` lays it out, written by the pipeline's own PartWriter: each
+    (source id, chunk, last, raw samples) is a committed chunk; with the default `part_bytes` every
+    chunk with samples is a part of its own."""
+    from stages.write import ChunkOutput, PartWriter, tar_members
+
+    out = OutputDir(str(out_dir))
+    out.makedirs()
+    writer = PartWriter(out, part_bytes, float("inf"))
+    for source, chunk, last, raws in chunks:
+        members, rows = [], []
+        for raw in raws:
+            sample = Sample.from_json(raw[JSON])
+            members += [(f"{sample.key}.{JSON}", raw[JSON]), (f"{sample.key}.{CODES}", raw[CODES])]
+            rows.append(manifest_row(sample, frames=int(sample.utterances[-1].frames[1])))
+        first = Sample.from_json(raws[0][JSON]) if raws else None
+        record = ChunkRecord(
+            source_id=source, uri=first.source.uri if first else f"file:///{source}.wav", chunk=chunk, last=last,
+            offset=0.0, duration=sum(r["duration"] for r in rows), source_duration=sum(r["duration"] for r in rows),
+            shard=None, samples=len(rows), utterances=sum(len(Sample.from_json(r[JSON]).utterances) for r in raws),
+            frames=sum(r["frames"] for r in rows), kept_seconds=sum(r["duration"] for r in rows), rejected=0, errors=[],
+            failed=False, codec=first.codec if first else None, diarizer=first.diarizer if first else None)
+        writer.add(ChunkOutput(chunk_name(source, chunk), tar_members(members), rows, [], [], record))
+    writer.close()
+    return Path(out_dir)
+
+
 def make_shards(out_dir: str | Path, n_shards: int = 3, per_shard: int = 8, released: bool = False,
                 seed: int = 0, **sample_kw) -> Path:
-    """OUT/shards/ as the pipeline lays it out, `n_shards` shards of `per_shard` random samples each."""
-    import webdataset as wds
-
+    """A corpus as the pipeline lays it out: `n_shards` sources of one chunk of `per_shard` random
+    samples each, a part (shard) per source."""
     rng = np.random.default_rng(seed)
-    shard_dir = Path(out_dir) / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    chunks = []
     for s in range(n_shards):
         source = f"synthetic-{s:010x}"
-        with wds.TarWriter(str(Path(out_dir) / ChunkFiles(chunk_name(source, 0)).shard)) as w:
-            for k in range(per_shard):
-                w.write(make_sample(rng, sample_key(source, 0, k), released, source=source, **sample_kw))
-    return Path(out_dir)
+        chunks.append((source, 0, True, [make_sample(rng, sample_key(source, 0, k), released, source=source, **sample_kw)
+                                         for k in range(per_shard)]))
+    return write_corpus(out_dir, chunks)
 
 
 def tiny_run(root: str | Path, sets: list[str], max_steps: int) -> list[dict]:
