@@ -66,7 +66,9 @@ def worker_rss_gb() -> float:
 def run_pipeline(inputs: list[Path], out: Path, sets: list[str] = ()) -> dict:
     busy, t0 = machine_busy_seconds(), time.time()
     cmd = [sys.executable, "-m", "pipeline.cli", "run", *map(str, inputs), "--output", str(out),
-           "--set", "tokenize.allow_unreleased=true", "--allow-config-change", *(x for s in sets for x in ("--set", s))]
+           "--set", "tokenize.allow_unreleased=true", "--allow-config-change",
+           "--set", "write.shard_size=1",  # a part per chunk: each commit's time is when its chunk was done
+           *(x for s in sets for x in ("--set", s))]
     log = out.parent / f"{out.name}.log"  # a file, not a pipe: nobody reads a pipe while it runs
     with open(log, "wb") as sink:
         proc, rss = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT), 0.0
@@ -77,9 +79,9 @@ def run_pipeline(inputs: list[Path], out: Path, sets: list[str] = ()) -> dict:
         raise RuntimeError(log.read_text()[-3000:])
     wall, busy = time.time() - t0, machine_busy_seconds() - busy
     run = json.loads((out / "run.json").read_text())
-    # When each chunk's commit record was written, from the command's start: the first shows the
+    # When each chunk's commit object was written, from the command's start: the first shows the
     # start-up (Ray, the workers' imports, one chunk's work), the gaps between the last ones the tail.
-    commits = sorted(p.stat().st_mtime - t0 for p in (out / "chunks").glob("*.json"))
+    commits = sorted(p.stat().st_mtime - t0 for p in (out / "commits").glob("*.parquet"))
     return {"wall": wall, "busy": busy, "run": run, "rss": rss, "commits": commits}
 
 

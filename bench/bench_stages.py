@@ -52,6 +52,7 @@ def main() -> None:
         load = time.perf_counter() - t
         t, cpu = time.perf_counter(), process_cpu_seconds()
         chunks = stage.process_batch(chunks)
+        getattr(stage, "close", lambda: None)()  # the writer's last part
         rows.append([stage.name, f"{load:.2f}", f"{time.perf_counter() - t:.2f}", f"{process_cpu_seconds() - cpu:.2f}"])
     rows = [r + [f"{audio / float(r[2]):.1f}" if float(r[2]) >= 0.01 else ">10000"] for r in rows]
     print(f"## Each stage alone: {len(inputs)} inputs, {audio:.0f} s of audio, {args.threads} threads\n")

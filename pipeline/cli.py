@@ -124,9 +124,13 @@ def link_speakers(directory: str, group_by: str | None, threshold: float | None)
     from stages.corpus_format import CONFIG_FILE, OutputDir
     from stages.speakers import CORPUS_MAP, write_corpus_map
 
+    from stages.corpus_parts import layout_problem
+
     out = OutputDir(directory)
     if not out.exists(CONFIG_FILE):
         raise click.UsageError(f"no corpus at {directory}")
+    if problem := layout_problem(out):
+        raise click.UsageError(problem)
     if threshold is None:
         from stages.diarize import DiarizeConfig
 

@@ -25,11 +25,11 @@ import hashlib
 import io
 import json
 import re
-import tarfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from stages.corpus_format import CODES, CORPUS_MAP, SPEAKERS_DIR, TRAIN_SPLIT, VAL_SPLIT, OutputDir, manifest_schema, table_bytes
+from stages.corpus_format import CODES, CORPUS_MAP, SPEAKERS_DIR, TRAIN_SPLIT, VAL_SPLIT, OutputDir, table_bytes
 from stages.corpus_parts import COMMITS, PartFiles, committed_parts, layout_problem, part_of, read_parts
+from stages.write import END_OF_ARCHIVE
 
 SPLITS = (TRAIN_SPLIT, VAL_SPLIT)
 WORK, DONE = ".pack", "pack.json"
@@ -53,10 +53,9 @@ def _schema(name: str):
     import pyarrow as pa
 
     s, i64 = pa.string(), pa.int64()
-    member = pa.struct([("name", s), ("offset", i64), ("size", i64)])
     return {
         "hashes": pa.schema([("key", s), ("source_id", s), ("part", s), ("codes_sha1", s), ("bucket", i64),
-                             ("members", pa.list_(member))]),
+                             ("start", i64), ("end", i64)]),
         "duplicates": pa.schema([(k, s) for k in ("key", "source_id", "duplicate_of", "duplicate_of_source")]),
         "index": pa.schema([("shard", s), ("samples", i64), ("bytes", i64)]),
     }[name]
@@ -107,24 +106,47 @@ class SourceSplit:
 # ----------------------------------------------------------------------------- pass 1: hashes
 
 
+def tar_samples(f) -> Iterator[tuple[str, int, int, bytes]]:
+    """(key, first byte, end byte, codes bytes) of each sample of a USTAR shard read from `f` in
+    order: its members are adjacent (the writer puts them so), so a sample is one byte range that
+    copies into another shard as it is. Headers parsed here: tarfile's object per member cost more
+    than the rest of the pass."""
+    pos, key, start, codes = 0, None, 0, b""
+    while True:
+        header = f.read(512)
+        if len(header) < 512 or header == b"\0" * 512:
+            break
+        name = header[:100].split(b"\0", 1)[0].decode()
+        if header[257:262] == b"ustar" and header[345]:
+            name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        data = f.read(size + -size % 512)[:size]
+        k, _, suffix = name.partition(".")
+        if k != key:
+            if key is not None:
+                yield key, start, pos, codes
+            key, start, codes = k, pos, b""
+        if suffix == CODES:
+            codes = data
+        pos += 512 + size + -size % 512
+    if key is not None:
+        yield key, start, pos, codes
+
+
 def hash_part(corpus: str, output: str, part: str, buckets: int) -> int:
-    """The sha1 of each sample's codes in one part's shard, and its members' byte ranges."""
+    """The sha1 of each sample's codes in one part's shard, and its byte range."""
     src, dst = OutputDir(corpus), OutputDir(output)
     rel = f"{WORK}/hashes/{part}.parquet"
     if dst.exists(rel):
         return 0
-    samples: dict[str, dict[str, Any]] = {}
-    with src.fs.open_input_file(src.path(PartFiles(part).shard)) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for m in tar:
-            key, _, suffix = m.name.partition(".")
-            sid = key.rsplit("-c", 1)[0]
-            row = samples.setdefault(key, {"key": key, "source_id": sid, "part": part, "codes_sha1": "", "bucket": 0, "members": []})
-            row["members"].append({"name": m.name, "offset": m.offset_data, "size": m.size})
-            if suffix == CODES:
-                digest = hashlib.sha1(tar.extractfile(m).read()).hexdigest()
-                row["codes_sha1"], row["bucket"] = digest, int(digest[:8], 16) % buckets
-    dst.write_bytes(rel, table_bytes(list(samples.values()), _schema("hashes")))
-    return len(samples)
+    rows = []
+    with src.fs.open_input_stream(src.path(PartFiles(part).shard)) as f:
+        for key, start, end, codes in tar_samples(f):
+            digest = hashlib.sha1(codes).hexdigest()
+            rows.append({"key": key, "source_id": key.rsplit("-c", 1)[0], "part": part, "codes_sha1": digest,
+                         "bucket": int(digest[:8], 16) % buckets, "start": start, "end": end})
+    dst.write_bytes(rel, table_bytes(rows, _schema("hashes")))
+    return len(rows)
 
 
 # ----------------------------------------------------------------------------- pass 2: duplicates
@@ -160,101 +182,97 @@ def find_duplicates(output: str, bucket: int) -> int:
 
 def pack_window(corpus: str, output: str, window: int, parts: list[str], shard_size: int, split: SourceSplit,
                 seed: int) -> dict[str, dict[str, int]]:
-    """Pack one window of input parts into shards of both splits; returns its counts per split."""
+    """Pack one window of input parts into shards of both splits; returns its counts per split.
+    Columns stay in Arrow: a sample's manifest row is taken, not rebuilt."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     src, dst = OutputDir(corpus), OutputDir(output)
     marker = f"{WORK}/windows/{window:06d}.json"
     if dst.exists(marker):
         return json.loads(dst.read_bytes(marker))
-    hashes = [r for p in parts for r in pq.read_table(dst.path(WORK, "hashes", f"{p}.parquet"), filesystem=dst.fs).to_pylist()]
-    manifest = {r["key"]: r for _, t in read_parts(src, "manifest", parts) for r in t.to_pylist()}
-    dropped = _dropped(dst, {r["key"] for r in hashes})
+    hashes = pa.concat_tables([pq.read_table(dst.path(WORK, "hashes", f"{p}.parquet"), filesystem=dst.fs) for p in parts])
+    manifest = pa.concat_tables([t for _, t in read_parts(src, "manifest", parts)], promote_options="permissive")
+    dropped = _dropped(dst, hashes["key"])
+    listed = pc.is_in(hashes["key"], value_set=manifest["key"])  # a sample the manifest lists
+    hashes = hashes.filter(pc.and_(listed, pc.invert(pc.is_in(hashes["key"], value_set=dropped))))
+    sources = hashes["source_id"].to_pylist()
+    val = {s: split.is_val(s) for s in set(sources)}
+    keys = hashes["key"].to_pylist()
     counts: dict[str, dict[str, int]] = {}
     for name in SPLITS:
-        samples = sorted((r for r in hashes if r["key"] in manifest and r["key"] not in dropped
-                          and split.is_val(r["source_id"]) == (name == VAL_SPLIT)), key=lambda r: _hash(seed, "order", r["key"]))
-        index, rows = [], []
-        for n, shard in enumerate(_cut(samples, shard_size)):
+        mine = [i for i, s in enumerate(sources) if val[s] == (name == VAL_SPLIT)]
+        order = sorted(mine, key=lambda i: _hash(seed, "order", keys[i]))
+        part = hashes.take(pa.array(order, pa.int64()))
+        rows = manifest.take(pc.index_in(part["key"], value_set=manifest["key"]))
+        index, shard_of = [], []
+        for n, (a, b) in enumerate(_cut(np.asarray(part["end"]) - np.asarray(part["start"]), shard_size)):
             shard_name = f"shard-{window:06d}-{n:04d}.tar"
-            nbytes = _write_shard(src, dst, f"{name}/{shard_name}", shard)
-            index.append({"shard": shard_name, "samples": len(shard), "bytes": nbytes})
-            rows += [{**manifest[r["key"]], "shard": shard_name, "source_shard": manifest[r["key"]]["shard"]} for r in shard]
+            nbytes = _write_shard(src, dst, f"{name}/{shard_name}", part.slice(a, b - a))
+            index.append({"shard": shard_name, "samples": b - a, "bytes": nbytes})
+            shard_of += [shard_name] * (b - a)
         if index:
+            rows = rows.append_column("source_shard", rows["shard"]).set_column(
+                rows.schema.get_field_index("shard"), "shard", pa.array(shard_of, pa.string()))
             dst.write_bytes(f"{name}/index/part-{window:06d}.parquet", table_bytes(index, _schema("index")))
-            dst.write_bytes(f"{name}/manifest/part-{window:06d}.parquet", _manifest_bytes(rows))
-        counts[name] = {"shards": len(index), "samples": len(rows), "bytes": sum(i["bytes"] for i in index),
-                        "sources": len({r["source_id"] for r in rows})}
+            dst.write_bytes(f"{name}/manifest/part-{window:06d}.parquet", _table_bytes(rows))
+        counts[name] = {"shards": len(index), "samples": len(order), "bytes": sum(i["bytes"] for i in index)}
     dst.write_bytes(marker, json.dumps(counts, sort_keys=True).encode())  # the window is done
     return counts
 
 
-def _dropped(dst: OutputDir, keys: set[str]) -> set[str]:
-    """The duplicate keys among `keys` (a window's)."""
+def _dropped(dst: OutputDir, keys):
+    """The duplicate keys among `keys` (a window's), as an Arrow array."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    out: set[str] = set()
-    for name in dst.list(f"{WORK}/duplicates", ".parquet"):
-        out.update(k for k in pq.read_table(dst.path(WORK, "duplicates", name), filesystem=dst.fs, columns=["key"])["key"].to_pylist()
-                   if k in keys)
-    return out
+    found = [t["key"] for name in dst.list(f"{WORK}/duplicates", ".parquet")
+             for t in [pq.read_table(dst.path(WORK, "duplicates", name), filesystem=dst.fs, columns=["key"])]]
+    every = pa.chunked_array(found, pa.string()) if found else pa.chunked_array([], pa.string())
+    return every.filter(pc.is_in(every, value_set=keys)).combine_chunks()
 
 
-def _manifest_bytes(rows: list[dict[str, Any]]) -> bytes:
-    from stages.corpus_format import parquet_bytes
+def _table_bytes(table) -> bytes:
+    import pyarrow.parquet as pq
 
-    return parquet_bytes(rows, manifest_schema())
-
-
-def _cut(samples: list[dict[str, Any]], target: int) -> list[list[dict[str, Any]]]:
-    """Consecutive runs of about `target` bytes (a tar header per member, data padded to 512)."""
-    shards: list[list[dict[str, Any]]] = [[]]
-    size = 0
-    for r in samples:
-        nbytes = sum(512 + -(-m["size"] // 512) * 512 for m in r["members"])
-        if shards[-1] and size + nbytes > target:
-            shards.append([])
-            size = 0
-        shards[-1].append(r)
-        size += nbytes
-    return [s for s in shards if s]
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
 
 
-def _write_shard(src: OutputDir, dst: OutputDir, rel: str, samples: list[dict[str, Any]]) -> int:
-    """Stream `samples` into the tar `rel` of `dst` from byte ranges of their input tars; its size."""
+def _cut(sizes, target: int) -> list[tuple[int, int]]:
+    """[a, b) runs of consecutive samples of about `target` bytes each."""
+    runs, a, size = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > a and size + n > target:
+            runs.append((a, i))
+            a, size = i, 0
+        size += int(n)
+    if len(sizes):
+        runs.append((a, len(sizes)))
+    return runs
+
+
+def _write_shard(src: OutputDir, dst: OutputDir, rel: str, samples) -> int:
+    """Copy each sample's byte range from its input tar into the tar `rel` of `dst`; its size."""
     files: dict[str, Any] = {}
+    n = 0
     try:
-        with dst.open_output(rel) as raw:
-            counter = _Counting(raw)
-            with tarfile.open(fileobj=counter, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                for r in samples:
-                    if r["part"] not in files:
-                        files[r["part"]] = src.fs.open_input_file(src.path(PartFiles(r["part"]).shard))
-                    f = files[r["part"]]
-                    for m in r["members"]:
-                        f.seek(m["offset"])
-                        info = tarfile.TarInfo(m["name"])
-                        info.size, info.mtime, info.mode = m["size"], 0, 0o444
-                        tar.addfile(info, io.BytesIO(f.read(m["size"])))
+        with dst.open_output(rel) as out:
+            for part, a, b in zip(*(samples[c].to_pylist() for c in ("part", "start", "end"))):
+                if part not in files:
+                    files[part] = src.fs.open_input_file(src.path(PartFiles(part).shard))
+                files[part].seek(a)
+                out.write(files[part].read(b - a))
+                n += b - a
+            out.write(END_OF_ARCHIVE)
     finally:
         for f in files.values():
             f.close()
-    return counter.n
-
-
-class _Counting:
-    """A write-only stream that counts what passes through (tarfile's stream mode needs only write)."""
-
-    def __init__(self, raw):
-        self.raw, self.n = raw, 0
-
-    def write(self, data: bytes) -> int:
-        self.n += len(data)
-        self.raw.write(data)
-        return len(data)
-
-
-# ----------------------------------------------------------------------------- the whole
+    return n + len(END_OF_ARCHIVE)
 
 
 def _windows(src: OutputDir, parts: list[str], shard_size: int) -> list[list[str]]:

@@ -23,7 +23,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from stages.corpus_format import CODES, JSON, TRAIN_SPLIT, VAL_SPLIT, OutputDir, Sample
-from stages.corpus_parts import COMMITS, PartFiles, committed_parts, read_table
+from stages.corpus_parts import COMMITS, PartFiles, committed_parts, layout_problem, read_table
 from train.config import DataConfig
 from train.speakers import CorpusSpeakers, SpeakerLabels
 
@@ -114,6 +114,8 @@ def list_shards(shards_dir: str | Path, eval_fraction: float) -> tuple[Split, Sp
         val = sorted(str(p) for p in (Path(shards_dir) / VAL_SPLIT).glob("*.tar")) if eval_fraction else []
         return Split(sorted(str(p) for p in packed.glob("*.tar"))), Split(val)
     out = OutputDir(str(shards_dir))
+    if problem := layout_problem(out):
+        raise ValueError(problem)
     parts = committed_parts(out)
     shards = [out.path(PartFiles(p).shard) for p in parts if out.exists(PartFiles(p).shard)]
     if not shards:
