@@ -96,11 +96,13 @@ def write_corpus(root: Path, chunks: int, per_source: int, seconds: float) -> fl
     return time.perf_counter() - t
 
 
+# VmHWM, not getrusage's ru_maxrss: Linux carries the parent's peak into a child across exec.
 PROBE = """
 import atexit, resource, sys
 def _report():
     r = resource.getrusage(resource.RUSAGE_SELF)
-    sys.stderr.write("RUSAGE %f %d\\n" % (r.ru_utime + r.ru_stime, r.ru_maxrss))
+    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    sys.stderr.write("RUSAGE %f %d\\n" % (r.ru_utime + r.ru_stime, hwm))
 atexit.register(_report)
 """
 

@@ -119,8 +119,6 @@ def pack(directory: str, output: str, shard_size: str, val_fraction: float, seed
 def link_speakers(directory: str, group_by: str | None, threshold: float | None) -> None:
     """Link the source speakers of the corpus at DIRECTORY (speakers/*.parquet) into corpus
     speakers, written to DIRECTORY/speaker_map.parquet with how confident each link is."""
-    from collections import Counter
-
     from stages.corpus_format import CONFIG_FILE, OutputDir
     from stages.speakers import CORPUS_MAP, write_corpus_map
 
@@ -137,11 +135,11 @@ def link_speakers(directory: str, group_by: str | None, threshold: float | None)
         diarize = json.loads(out.read_bytes(CONFIG_FILE))["config"]["diarize"]
         threshold = diarize.get("link_threshold", DiarizeConfig.link_threshold)  # a corpus made before linking
     try:
-        rows = write_corpus_map(out, threshold, group_by)
+        linked = write_corpus_map(out, threshold, group_by)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    conf = Counter(r["confidence"] for r in rows)
-    click.echo(f"[csm-corpus] {len(rows)} source speakers -> {len({r['corpus_speaker'] for r in rows})} corpus speakers "
+    conf = linked["confidence"]
+    click.echo(f"[csm-corpus] {linked['speakers']} source speakers -> {linked['corpus_speakers']} corpus speakers "
                f"(threshold {threshold:g}{f', within {group_by}' if group_by else ''}); links: "
                f"{', '.join(f'{v} {k}' for k, v in sorted(conf.items())) or 'none'}; see {out.path(CORPUS_MAP)}", err=True)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, PipelineConfig, to_dict
 from stages.corpus_format import CONFIG_FILE, LAYOUT, RUN_FILE, ChunkRecord, OutputDir
-from stages.corpus_parts import COMMITS, INCOMPLETE, committed_parts, read_parts, read_table
+from stages.corpus_parts import COMMITS, committed_parts, read_parts
 
 VERSIONED = ["torch", "torchaudio", "whisperx", "faster-whisper", "ctranslate2", "pyannote.audio", "moshi", "ray", "webdataset", "silero-vad", "av", "numpy", "pyarrow", "transformers"]
 
@@ -33,18 +33,20 @@ def package_versions() -> dict[str, str]:
 
 def committed_state(out: OutputDir) -> tuple[Any, dict[str, list[ChunkRecord]]]:
     """(the uris whose chunks 0..last are all committed, as a pyarrow array; the committed records of
-    every other source that has some). Columns of the commit tables, grouped in Arrow: no Python
-    object per chunk of the corpus."""
+    every other source that has some). The commit tables' columns are grouped by uri in Arrow part
+    by part, then across parts: memory is one row per source, never a Python object per chunk."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    t = read_table(out, COMMITS, ["uri", "chunk", "last"])
-    if t is None:
+    groups = []
+    for _, t in read_parts(out, COMMITS, committed_parts(out), ["uri", "chunk", "last"]):
+        last = pc.if_else(t["last"], t["chunk"], pa.scalar(None, pa.int64()))
+        t = pa.table({"uri": t["uri"], "chunk": t["chunk"], "last_chunk": last})
+        groups.append(t.group_by("uri").aggregate([("chunk", "count"), ("last_chunk", "max")]))
+    if not groups:
         return pa.array([], pa.string()), {}
-    counts = t.group_by("uri").aggregate([("chunk", "count_distinct")])
-    lasts = t.filter(t["last"]).select(["uri", "chunk"]).rename_columns(["uri", "last_chunk"])
-    j = counts.join(lasts, "uri", join_type="left outer")
-    done = pc.fill_null(pc.equal(j["chunk_count_distinct"], pc.add(j["last_chunk"], 1)), False)
+    j = pa.concat_tables(groups).group_by("uri").aggregate([("chunk_count", "sum"), ("last_chunk_max", "max")])
+    done = pc.fill_null(pc.equal(j["chunk_count_sum"], pc.add(j["last_chunk_max_max"], 1)), False)
     partial = j.filter(pc.invert(done))["uri"]
     prior: dict[str, list[ChunkRecord]] = {}
     if len(partial):
@@ -105,19 +107,6 @@ def write_run_json(out: OutputDir, config: PipelineConfig, summary: dict[str, An
     }
     out.write_bytes(RUN_FILE, json.dumps(run, indent=1, sort_keys=True, default=str).encode())
     return run
-
-
-def read_errors(out: OutputDir, columns: list[str] | None = None):
-    """The errors of every committed part and the incomplete sources, as one pyarrow table (or None)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from stages.corpus_format import error_schema
-
-    tables = [t for t in [read_table(out, "errors", columns)] if t is not None]
-    if out.exists(INCOMPLETE):
-        tables.append(pq.read_table(out.path(INCOMPLETE), filesystem=out.fs, columns=columns, schema=error_schema()))
-    return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
 
 class Lease:

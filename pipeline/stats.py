@@ -323,7 +323,7 @@ def corpus_stats(root: str, values: bool = False, chain: Chain = CHAIN) -> dict[
     for e in incomplete:
         errors_by_type[e["error_type"]] += 1
         errors_by_stage[e["stage"]] += 1
-    corpus_map = read_corpus_map(out)
+    corpus_map = read_corpus_map(out, ["corpus_speaker", "confidence"])
     result = {
         "sources": n["sources"],
         "failed_sources": len(failed_uris),
@@ -337,8 +337,9 @@ def corpus_stats(root: str, values: bool = False, chain: Chain = CHAIN) -> dict[
         # Source speakers (speakers/); a corpus made without linking counts each chunk's speakers.
         "speakers": n["speaker_rows"] if n["linked_sources"] else n["chunk_speakers"],
         "linked_sources": n["linked_sources"],
-        "corpus_speakers": len({r["corpus_speaker"] for r in corpus_map}) if corpus_map else None,
-        "corpus_links": dict(Counter(r["confidence"] for r in corpus_map)),
+        "corpus_speakers": pc.count_distinct(corpus_map["corpus_speaker"]).as_py() if corpus_map is not None else None,
+        "corpus_links": {} if corpus_map is None else
+        {v["values"]: v["counts"] for v in pc.value_counts(corpus_map["confidence"]).to_pylist()},
         "frames": n["frames"],
         "text_chars": n["text_chars"],
         # What the model sees: text tokens (chars / 3.5 + BOS/EOS per utterance), frames, and one

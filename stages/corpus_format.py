@@ -91,6 +91,17 @@ class OutputDir:
             self.fs.create_dir(self.path(rel).rsplit("/", 1)[0], recursive=True)
         return self.fs.open_output_stream(self.path(rel))
 
+    def put_file(self, rel: str, local_path: str) -> None:
+        """Copy a local file to `rel`, atomically (as write_bytes), streamed: for objects too large to hold."""
+        import shutil
+
+        final = self.path(rel)
+        target = final if not self.local else f"{final.rsplit('/', 1)[0]}/.tmp-{uuid.uuid4().hex[:8]}-{final.rsplit('/', 1)[1]}"
+        with open(local_path, "rb") as src, self.fs.open_output_stream(target) as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        if self.local:
+            self.fs.move(target, final)
+
     def delete(self, rel: str) -> None:
         self.fs.delete_file(self.path(rel))
 

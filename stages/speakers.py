@@ -22,8 +22,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from stages.corpus_format import CORPUS_MAP, SPEAKERS_DIR, ChunkRecord, OutputDir, corpus_map_schema, read_rows, table_bytes
-from stages.corpus_parts import read_table
+from stages.corpus_format import CORPUS_MAP, SPEAKERS_DIR, ChunkRecord, OutputDir, corpus_map_schema, speakers_schema
+from stages.corpus_parts import committed_parts, read_parts, read_table
 
 # ----------------------------------------------------------------------------- clustering
 
@@ -186,37 +186,51 @@ def link_corpus(rows: list[dict[str, Any]], threshold: float, group_by: str | No
     `confidence`: `single` (nobody linked), `high` (distance under half the threshold and the next
     speaker beyond the threshold), `low` (the next speaker closer than the threshold to it), else
     `medium`."""
+    out, n = [], 0
+    for group, members in _groups(rows, group_by).items():
+        linked, count = link_group(group, members, threshold)
+        out += [{**r, "corpus_speaker": f"C{n + r['corpus_speaker']}"} for r in linked]
+        n += count
+    return out
+
+
+def _groups(rows: list[dict[str, Any]], group_by: str | None) -> dict[str, list[dict[str, Any]]]:
     rows = sorted(rows, key=lambda r: (str(r.get(group_by)) if group_by else "", r["source_id"], int(r["speaker"][1:])))
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(str(r.get(group_by)) if group_by else "", []).append(r)
-    out, n = [], 0
-    for group, members in groups.items():
-        items = [Item((r["source_id"], r["speaker"]), float(r["seconds"]),
-                      None if r["embedding"] is None else _unit(np.asarray(r["embedding"], dtype=np.float64)), r["source_id"])
-                 for r in members]
-        clusters = cluster(items, threshold)
-        cents = [_centroid(items, c) for c in clusters]
-        for k, c in enumerate(clusters):
-            for i in c:
-                e = items[i].embedding
-                d = None if e is None or cents[k] is None else 1.0 - float(cents[k] @ e)
-                others = [1.0 - float(cents[j] @ e) for j in range(len(clusters)) if j != k and e is not None and cents[j] is not None]
-                near = min(others) if others else None
-                conf = ("single" if len(c) == 1 else
-                        "low" if near is not None and near < threshold else
-                        "high" if d is not None and d < threshold / 2 else "medium")
-                out.append({"group": group, "source_id": items[i].key[0], "speaker": items[i].key[1],
-                            "corpus_speaker": f"C{n + k}", "seconds": items[i].seconds, "members": len(c),
-                            "distance": None if d is None else round(d, 5),
-                            "nearest_other": None if near is None else round(near, 5), "confidence": conf})
-        n += len(clusters)
-    return out
+    return groups
 
 
-def read_corpus_map(out: OutputDir) -> list[dict[str, Any]]:
-    """speaker_map.parquet's rows (`pipeline link-speakers`), none when it was never run."""
-    return read_rows(out, CORPUS_MAP)
+def link_group(group: str, members: list[dict[str, Any]], threshold: float) -> tuple[list[dict[str, Any]], int]:
+    """One group's rows of the map, `corpus_speaker` an index within the group; and how many."""
+    items = [Item((r["source_id"], r["speaker"]), float(r["seconds"]),
+                  None if r["embedding"] is None else _unit(np.asarray(r["embedding"], dtype=np.float64)), r["source_id"])
+             for r in members]
+    clusters = cluster(items, threshold)
+    cents = [_centroid(items, c) for c in clusters]
+    out = []
+    for k, c in enumerate(clusters):
+        for i in c:
+            e = items[i].embedding
+            d = None if e is None or cents[k] is None else 1.0 - float(cents[k] @ e)
+            others = [1.0 - float(cents[j] @ e) for j in range(len(clusters)) if j != k and e is not None and cents[j] is not None]
+            near = min(others) if others else None
+            conf = ("single" if len(c) == 1 else
+                    "low" if near is not None and near < threshold else
+                    "high" if d is not None and d < threshold / 2 else "medium")
+            out.append({"group": group, "source_id": items[i].key[0], "speaker": items[i].key[1],
+                        "corpus_speaker": k, "seconds": items[i].seconds, "members": len(c),
+                        "distance": None if d is None else round(d, 5),
+                        "nearest_other": None if near is None else round(near, 5), "confidence": conf})
+    return out, len(clusters)
+
+
+def read_corpus_map(out: OutputDir, columns: list[str] | None = None):
+    """speaker_map.parquet (`pipeline link-speakers`) as a pyarrow table, None when it was never run."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(out.path(CORPUS_MAP), filesystem=out.fs, columns=columns) if out.exists(CORPUS_MAP) else None
 
 
 def read_speakers(out: OutputDir) -> list[dict[str, Any]]:
@@ -225,10 +239,62 @@ def read_speakers(out: OutputDir) -> list[dict[str, Any]]:
     return table.to_pylist() if table is not None else []
 
 
-def write_corpus_map(out: OutputDir, threshold: float, group_by: str | None = None) -> list[dict[str, Any]]:
-    rows = read_speakers(out)
-    if group_by and rows and group_by not in rows[0]:
-        raise ValueError(f"--group-by {group_by}: not a speakers column (one of {', '.join(k for k in rows[0] if k not in ('embedding', 'chunks'))})")
-    linked = link_corpus(rows, threshold, group_by)
-    out.write_bytes(CORPUS_MAP, table_bytes(linked, corpus_map_schema()))
-    return linked
+BUCKET_ROWS = 1_000_000  # source speakers per bucket of groups: what link-speakers holds at once
+
+
+def write_corpus_map(out: OutputDir, threshold: float, group_by: str | None = None) -> dict[str, Any]:
+    """speaker_map.parquet, in bounded memory when `group_by` splits the corpus: groups are spread
+    over buckets by a hash of their name (each bucket spilled to a local file), linked bucket by
+    bucket, and numbered C0, C1, ... in group order at the end. Without `group_by` the corpus is one
+    group, held at once. Returns {speakers, corpus_speakers, confidence: {kind: count}}."""
+    import tempfile
+    import zlib
+    from collections import Counter
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    named = [f.name for f in speakers_schema() if f.name not in ("embedding", "chunks")]
+    if group_by and group_by not in named:
+        raise ValueError(f"--group-by {group_by}: not a speakers column (one of {', '.join(named)})")
+    parts = committed_parts(out)
+    total = sum(t.num_rows for _, t in read_parts(out, SPEAKERS_DIR, parts, ["source_id"]))
+    buckets = max(1, -(-total // BUCKET_ROWS)) if group_by else 1
+    columns = list(dict.fromkeys(["source_id", "speaker", "seconds", "embedding", *([group_by] if group_by else [])]))
+    counts: dict[str, int] = {}
+    summary = {"speakers": 0, "corpus_speakers": 0, "confidence": Counter()}
+    with tempfile.TemporaryDirectory(prefix="csm-link-") as tmp:
+        spill: dict[int, Any] = {}
+        for _, t in read_parts(out, SPEAKERS_DIR, parts, columns):
+            keys = [zlib.crc32(str(g).encode()) % buckets for g in t[group_by].to_pylist()] if buckets > 1 else [0] * t.num_rows
+            for b in set(keys):
+                if b not in spill:
+                    spill[b] = pq.ParquetWriter(f"{tmp}/in-{b}.parquet", t.schema)
+                spill[b].write_table(t.filter(pa.array([k == b for k in keys])))
+        for w in spill.values():
+            w.close()
+        schema = corpus_map_schema().set(corpus_map_schema().get_field_index("corpus_speaker"), pa.field("corpus_speaker", pa.int64()))
+        for b in sorted(spill):  # link each bucket's groups, numbered within their group
+            rows = pq.read_table(f"{tmp}/in-{b}.parquet").to_pylist()
+            linked = []
+            for group, members in _groups(rows, group_by).items():
+                got, counts[group] = link_group(group, members, threshold)
+                linked += got
+            pq.write_table(pa.Table.from_pylist(linked, schema=schema), f"{tmp}/out-{b}.parquet")
+        offset, n = {}, 0
+        for group in sorted(counts):
+            offset[group], n = n, n + counts[group]
+        final = f"{tmp}/{CORPUS_MAP}"
+        with pq.ParquetWriter(final, corpus_map_schema()) as writer:
+            for b in sorted(spill):
+                t = pq.read_table(f"{tmp}/out-{b}.parquet")
+                ids = [f"C{offset[g] + k}" for g, k in zip(t["group"].to_pylist(), t["corpus_speaker"].to_pylist())]
+                t = t.set_column(t.schema.get_field_index("corpus_speaker"), "corpus_speaker", pa.array(ids, pa.string()))
+                writer.write_table(t.cast(corpus_map_schema()))
+                summary["speakers"] += t.num_rows
+                summary["confidence"].update(t["confidence"].to_pylist())
+        if not spill:
+            pq.write_table(pa.Table.from_pylist([], schema=corpus_map_schema()), final)
+        out.put_file(CORPUS_MAP, final)
+    summary["corpus_speakers"] = n
+    return summary

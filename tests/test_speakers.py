@@ -225,7 +225,7 @@ def test_link_speakers_joins_a_voice_across_files_and_keeps_voices_apart(offline
         turns, _ = linked_turns(chunks, DiarizeConfig())
         for (_, _, k), label in zip(conv.turns, _line_speakers(conv, turns)):
             truth[(sid, label)] = (VOICE_A, VOICE_B)[k]
-    (tmp_path / "config.json").write_text(json.dumps({"config": {"diarize": {"link_threshold": THRESHOLD}}}))
+    (tmp_path / "config.json").write_text(json.dumps({"layout": 2, "config": {"diarize": {"link_threshold": THRESHOLD}}}))
     from pipeline.cli import main
 
     res = CliRunner().invoke(main, ["link-speakers", str(tmp_path)])
