@@ -1,9 +1,10 @@
 """`pipeline stats`: what is in a corpus, from the manifests, rejection records and chunk records
-(never the tars), so it takes seconds on thousands of shards.
+of its committed parts (never the tars), read part by part: memory holds a few parts and the
+distributions' reservoirs, whatever the corpus size.
 
 The funnel
 ----------
-Audio in is the decoded duration of every chunk (`chunks/*.json`). Each second of it is attributed
+Audio in is the decoded duration of every committed chunk (`commits/`). Each second of it is attributed
 to exactly one line, so the lines add up to the input by construction; the first line that claims
 a second wins, in this order:
 
@@ -293,32 +294,32 @@ def corpus_stats(root: str, values: bool = False, chain: Chain = CHAIN) -> dict[
     failed_uris: set[str] = set()
     subs = {COMMITS: CHUNK_COLUMNS, "manifest": None, "rejected": REJECTION_COLUMNS, "errors": ["source_id", "chunk", "stage", "error_type"],
             SPEAKERS_DIR: ["source_id"]}
-    for _, t in read_part_tables(out, subs):
-        ct, mt, rt, et, st = (t[k] for k in subs)
-        c = {k: ct.column(k).to_pylist() for k in CHUNK_COLUMNS[:-1]}
-        chunks = [_Chunk(*x) for x in zip(c["source_id"], c["chunk"], c["offset"], c["duration"], c["failed"])]
-        n["chunks"] += len(chunks)
-        n["sources"] += sum(1 for i in c["chunk"] if i == 0)
-        failed_uris.update(u for u, bad in zip(c["uri"], c["failed"]) if bad)
-        n["chunk_speakers"] += int(pc.sum(pc.list_value_length(ct["speakers"])).as_py() or 0)
-        hours["input"] += sum(c["duration"]) / 3600
-        errors = et.to_pylist() if et is not None else []
-        for e in errors:
-            errors_by_type[e["error_type"]] += 1
-            errors_by_stage[e["stage"]] += 1
-        recs = list(zip(*(_col(rt, k) for k in REJECTION_COLUMNS))) if rt is not None else []
-        for (_, stage, reason, level, a, b) in recs:
-            removed[f"{stage}:{reason}"] += b - a
-            counted[f"{stage}:{reason}"] += 1
-            by_level[level or "window"] += 1
-        if st is not None:
-            n["speaker_rows"] += st.num_rows
-            n["linked_sources"] += pc.count_distinct(st["source_id"]).as_py()
-        kept: dict[tuple[str, int], tuple[list, list]] = defaultdict(lambda: ([], []))
-        if mt is not None:
-            n["shards"] += 1
-            _manifest_part(mt, kept, n, hours, languages, dists)
-        f.add(chunks, recs, kept, errors)
+    for _, t in read_part_tables(out, subs, threads=2):
+        if t[SPEAKERS_DIR] is not None:
+            n["speaker_rows"] += t[SPEAKERS_DIR].num_rows
+            n["linked_sources"] += pc.count_distinct(t[SPEAKERS_DIR]["source_id"]).as_py()
+        n["shards"] += t["manifest"] is not None
+        for ct, mt, rt, et in _slices(t[COMMITS], t["manifest"], t["rejected"], t["errors"]):
+            c = {k: ct.column(k).to_pylist() for k in CHUNK_COLUMNS[:-1]}
+            chunks = [_Chunk(*x) for x in zip(c["source_id"], c["chunk"], c["offset"], c["duration"], c["failed"])]
+            n["chunks"] += len(chunks)
+            n["sources"] += sum(1 for i in c["chunk"] if i == 0)
+            failed_uris.update(u for u, bad in zip(c["uri"], c["failed"]) if bad)
+            n["chunk_speakers"] += int(pc.sum(pc.list_value_length(ct["speakers"])).as_py() or 0)
+            hours["input"] += sum(c["duration"]) / 3600
+            errors = et.to_pylist() if et is not None else []
+            for e in errors:
+                errors_by_type[e["error_type"]] += 1
+                errors_by_stage[e["stage"]] += 1
+            recs = list(zip(*(_col(rt, k) for k in REJECTION_COLUMNS))) if rt is not None else []
+            for (_, stage, reason, level, a, b) in recs:
+                removed[f"{stage}:{reason}"] += b - a
+                counted[f"{stage}:{reason}"] += 1
+                by_level[level or "window"] += 1
+            kept: dict[tuple[str, int], tuple[list, list]] = defaultdict(lambda: ([], []))
+            if mt is not None:
+                _manifest_part(mt, kept, n, hours, languages, dists)
+            f.add(chunks, recs, kept, errors)
     incomplete = _incomplete(out)
     for e in incomplete:
         errors_by_type[e["error_type"]] += 1
@@ -360,6 +361,22 @@ def corpus_stats(root: str, values: bool = False, chain: Chain = CHAIN) -> dict[
     if values:
         result["distribution_values"] = {k: r.sample for k, r in sorted(dists.items())}
     return result
+
+
+SLICE_CHUNKS = 1000  # chunks whose rows become Python objects at once (a 1 GB part holds thousands)
+
+
+def _slices(ct, mt, rt, et):
+    """A part's tables cut by source into slices of about SLICE_CHUNKS chunks: the funnel needs a
+    chunk's rows together, and a source's rows are all in the part that holds its chunks."""
+    import pyarrow.compute as pc
+
+    sources = pc.unique(ct["source_id"]).sort()
+    per_source = max(1, len(ct) // max(1, len(sources)))
+    step = max(1, SLICE_CHUNKS // per_source)
+    for i in range(0, len(sources), step):
+        some = sources[i:i + step]
+        yield tuple(None if t is None else t.filter(pc.is_in(t["source_id"], value_set=some)) for t in (ct, mt, rt, et))
 
 
 def _incomplete(out: OutputDir) -> list[dict]:

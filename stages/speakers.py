@@ -1,16 +1,17 @@
 """Speakers across chunks and across sources.
 
 The diarizer labels each `decode.chunk_seconds` chunk on its own (S0, S1, ... by first speech in the
-chunk). Once every chunk of a source is committed, `link_source` links those local labels into one
-labelling per source from what the chunk records hold (each local speaker's centroid and speech
-seconds; the corpus writer calls it in stages/write.py): centroid-linkage agglomerative clustering with the diarizer's cosine metric and a
-threshold of its own, `diarize.link_threshold`, never joining two speakers of one chunk that both
-have enough speech in it (a short chunk's diarizer can split a voice in small clusters). Then no
-speaker keeps less than `min_speaker_seconds` of speech over the whole source: such a cluster (a
-stray third voice, a cough, a laugh) joins the nearest remaining speaker. The result is
-one row per source speaker in `speakers/<part>.parquet` of the part that completes the source (its embedding, seconds and the chunk
-labels it covers); readers map `(chunk, label)` through it. `link_corpus` does the same one level
-up, across the sources of a group, for `pipeline link-speakers`.
+chunk). Once every chunk of a source has reached the corpus writer (stages/write.py), `link_source`
+links those local labels into one labelling per source from what the chunk records hold (each
+local speaker's centroid and speech seconds): centroid-linkage agglomerative clustering with the
+diarizer's cosine metric and a threshold of its own, `diarize.link_threshold`, never joining two
+speakers of one chunk that both have enough speech in it (a short chunk's diarizer can split a
+voice in small clusters). Then no speaker keeps less than `min_speaker_seconds` of speech over the
+whole source: such a cluster (a stray third voice, a cough, a laugh) joins the nearest remaining
+speaker. The result is one row per source speaker (its embedding, seconds and the chunk labels it
+covers) in the speakers table of the part that completes the source; readers map `(chunk, label)`
+through it. `link_corpus` does the same one level up, across the sources of a group, for
+`pipeline link-speakers`.
 
 Pure functions of the records: a resumed run writes the same bytes.
 """
