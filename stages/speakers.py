@@ -240,7 +240,22 @@ def read_speakers(out: OutputDir) -> list[dict[str, Any]]:
     return table.to_pylist() if table is not None else []
 
 
-BUCKET_ROWS = 1_000_000  # source speakers per bucket of groups: what link-speakers holds at once
+BUCKET_ROWS = 200_000  # source speakers per bucket of groups: what link-speakers holds at once
+
+
+def _rows_with_vectors(table) -> list[dict[str, Any]]:
+    """Rows as dicts with each embedding a numpy row of one float32 matrix (as Python floats, a
+    bucket's embeddings took ten times the memory)."""
+    import pyarrow.compute as pc
+
+    emb = table["embedding"].combine_chunks()
+    rows = table.drop_columns(["embedding"]).to_pylist()
+    lengths = pc.fill_null(pc.list_value_length(emb), 0).to_numpy()
+    flat = pc.list_flatten(emb).to_numpy(zero_copy_only=False).astype(np.float32)
+    ends = np.cumsum(lengths)
+    for r, a, b, valid in zip(rows, ends - lengths, ends, emb.is_valid().to_numpy(zero_copy_only=False)):
+        r["embedding"] = flat[a:b] if valid else None
+    return rows
 
 
 def write_corpus_map(out: OutputDir, threshold: float, group_by: str | None = None) -> dict[str, Any]:
@@ -276,7 +291,7 @@ def write_corpus_map(out: OutputDir, threshold: float, group_by: str | None = No
             w.close()
         schema = corpus_map_schema().set(corpus_map_schema().get_field_index("corpus_speaker"), pa.field("corpus_speaker", pa.int64()))
         for b in sorted(spill):  # link each bucket's groups, numbered within their group
-            rows = pq.read_table(f"{tmp}/in-{b}.parquet").to_pylist()
+            rows = _rows_with_vectors(pq.read_table(f"{tmp}/in-{b}.parquet"))
             linked = []
             for group, members in _groups(rows, group_by).items():
                 got, counts[group] = link_group(group, members, threshold)
