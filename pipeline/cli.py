@@ -51,7 +51,7 @@ def run(inputs, output, config_files, sets, address, allow_config_change) -> Non
         f"[csm-corpus] done: {run['counts'].get('samples', 0)} samples from {run['audio_hours'] * 3600:.1f} s of audio "
         f"in {run['wall_seconds']:.1f} s ({run['real_time_factor']:.2f}x real time); "
         f"{sum(run['errors_by_type'].values())} errors{f', {unwritten} chunks not written' if unwritten else ''}; "
-        f"see {OutputDir(output).path(RUN_FILE)}",
+        f"see {OutputDir(output).uri(RUN_FILE)}",
         err=True,
     )
     codec = run["models"].get("codec") or {}
@@ -141,7 +141,7 @@ def link_speakers(directory: str, group_by: str | None, threshold: float | None)
     conf = linked["confidence"]
     click.echo(f"[csm-corpus] {linked['speakers']} source speakers -> {linked['corpus_speakers']} corpus speakers "
                f"(threshold {threshold:g}{f', within {group_by}' if group_by else ''}); links: "
-               f"{', '.join(f'{v} {k}' for k, v in sorted(conf.items())) or 'none'}; see {out.path(CORPUS_MAP)}", err=True)
+               f"{', '.join(f'{v} {k}' for k, v in sorted(conf.items())) or 'none'}; see {out.uri(CORPUS_MAP)}", err=True)
 
 
 from train.cli import evaluate, export, generate, train  # noqa: E402  (registered after the group exists)

@@ -49,8 +49,14 @@ class OutputDir:
 
         if "://" in root:
             self.fs, self.root = fs.FileSystem.from_uri(root)
+            self.scheme = root.split("://", 1)[0] + "://"
         else:
             self.fs, self.root = fs.LocalFileSystem(), os.path.abspath(root)
+            self.scheme = ""
+
+    def uri(self, *parts: str) -> str:
+        """`path(...)` as a user names it: with its scheme (s3://...) when it has one."""
+        return self.scheme + self.path(*parts)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])

@@ -96,7 +96,7 @@ def clips(sample_wav, tmp_path_factory) -> list[Path]:
     return paths
 
 
-def corpus_files(out: Path) -> dict[str, bytes]:
+def corpus_files(out: Path | str) -> dict[str, bytes]:
     """Everything a run commits that must be identical across runs, by a name that does not depend on
     which part holds it: each sample's tar members (`sample/<member>`), and each table row
     (`<table>/<identity>`, JSON of the row less its part's shard name). Uncommitted objects are not
@@ -120,9 +120,8 @@ def corpus_files(out: Path) -> dict[str, bytes]:
         files[f"{name}#{n}"] = json.dumps(row, sort_keys=True, default=str).encode()
 
     for part in committed_parts(corpus):
-        shard = out / PartFiles(part).shard
-        if shard.exists():
-            with tarfile.open(shard) as tar:
+        if corpus.exists(PartFiles(part).shard):
+            with corpus.fs.open_input_file(corpus.path(PartFiles(part).shard)) as f, tarfile.open(fileobj=f) as tar:
                 for m in tar:
                     files[f"sample/{m.name}"] = tar.extractfile(m).read()
     ident = {"manifest": lambda r: r["key"], COMMITS: lambda r: f"{r['source_id']}-c{r['chunk']:04d}",
@@ -133,8 +132,8 @@ def corpus_files(out: Path) -> dict[str, bytes]:
         for sub, table in tables.items():
             for row in table.to_pylist() if table is not None else ():
                 put(f"{sub}/{ident[sub](row)}", row)
-    if (out / INCOMPLETE).exists():
-        for row in pq.read_table(out / INCOMPLETE).to_pylist():
+    if corpus.exists(INCOMPLETE):
+        for row in pq.read_table(corpus.path(INCOMPLETE), filesystem=corpus.fs).to_pylist():
             put(f"incomplete/{row['source_id']}", row)
     return files
 
