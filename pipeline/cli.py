@@ -73,8 +73,8 @@ def stats(directory: str, as_json: bool, report: str | None) -> None:
         raise click.UsageError(f"no corpus at {directory}")
     try:
         s = corpus_stats(directory)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.UsageError(str(exc)) from exc
+    except (ValueError, OSError) as exc:  # not a corpus, an older layout, a store that refuses
+        raise click.UsageError(" ".join(str(exc).split())) from None
     click.echo(json.dumps(s, indent=1, sort_keys=True) if as_json else format_stats(s))
     if report:
         from pipeline.report import write_report
@@ -103,8 +103,8 @@ def pack(directory: str, output: str, shard_size: str, val_fraction: float, seed
     try:
         with task_mapper(address) if address else contextlib.nullcontext(None) as map_tasks:
             summary = run_pack(directory, output, parse_size(shard_size), val_fraction, seed, map_tasks)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.UsageError(str(exc)) from exc
+    except (ValueError, OSError) as exc:
+        raise click.UsageError(" ".join(str(exc).split())) from None
     splits = ", ".join(f"{k}: {v['samples']} samples in {v['shards']} shards from {v['sources']} sources"
                        for k, v in summary["splits"].items())
     click.echo(f"[csm-corpus] packed {splits}; {summary['duplicates']} duplicate samples dropped (duplicates.parquet)", err=True)

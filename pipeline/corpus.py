@@ -172,7 +172,7 @@ class Lease:
             self.out.delete(self.FILE)
 
     def __enter__(self) -> Lease:
-        return self.acquire()
+        return self if self.thread else self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()

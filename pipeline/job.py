@@ -25,10 +25,14 @@ def run_job(inputs: list[Input], config: PipelineConfig, address: str | None = N
     for stage in [build_source(config), *build_stages(config)]:
         stage.preflight()  # a missing model is a ConfigError here, before any worker starts
     out = OutputDir(config.write.output)
-    if problem := layout_problem(out):
-        raise ConfigError(problem)
-    out.makedirs()
-    with Lease(out), connected(address, config) as cluster:
+    try:  # the output is checked before Ray starts: a wrong endpoint, key or bucket is one line
+        if problem := layout_problem(out):
+            raise ConfigError(problem)
+        out.makedirs()
+        lease = Lease(out).acquire()
+    except OSError as exc:
+        raise ConfigError(f"cannot write the corpus at {out.uri()}: {' '.join(str(exc).split())}") from None
+    with lease, connected(address, config) as cluster:
         removed = remove_uncommitted(out)
         config = place_on_gpus(config, cluster.get("GPU", 0.0))
         check_config(out, config, allow_config_change)

@@ -127,3 +127,24 @@ def test_stats_pack_and_link_speakers_from_s3_to_s3(s3, s3_corpus, tmp_path):
         assert any(m.name.endswith(".codes.npy") for m in tar)
     log = finish(cli(s3, ["link-speakers", s3_corpus]))
     assert "corpus speakers" in log and f"see {s3_corpus}/speaker_map.parquet" in log
+
+
+@pytest.mark.parametrize("problem", ["wrong key", "missing bucket", "no server"])
+def test_a_store_that_refuses_is_one_line_before_ray_starts(s3, problem, monkeypatch):
+    from conftest import run_cli
+
+    env = dict(s3.env)
+    bucket = "csm"
+    if problem == "wrong key":
+        env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
+    elif problem == "missing bucket":
+        bucket = "no-such-bucket"
+    else:
+        env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # discard: nothing listens
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    t = time.time()
+    result = run_cli(["run", "--output", f"s3://{bucket}/refused"])
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert result.exit_code == 2 and len(lines) == 1 and f"s3://{bucket}/refused" in lines[0], result.output
+    assert "Traceback" not in result.output and time.time() - t < 60
