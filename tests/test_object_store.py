@@ -148,3 +148,24 @@ def test_a_store_that_refuses_is_one_line_before_ray_starts(s3, problem, monkeyp
     lines = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert result.exit_code == 2 and len(lines) == 1 and f"s3://{bucket}/refused" in lines[0], result.output
     assert "Traceback" not in result.output and time.time() - t < 60
+
+
+def test_two_nodes_that_see_the_corpus_only_through_s3(s3, s3_corpus, monkeypatch):
+    """The nodes start without the store's variables: the run hands them to every worker."""
+    from ray.cluster_utils import Cluster
+
+    for k in list(os.environ):
+        if k.startswith("AWS_"):
+            monkeypatch.delenv(k)
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2})
+    try:
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        out = "s3://csm/two-nodes"
+        finish(cli(s3, ["run", "s3://csm/in/", "s3://csm/in/missing.wav", "--output", out, "--address", cluster.address, *FAST]))
+        with_env(s3)
+        assert corpus_files(out) == corpus_files(s3_corpus)
+        run = json.loads(s3.filesystem().open_input_stream("csm/two-nodes/run.json").read())
+        assert run["nodes_used"] == 2
+    finally:
+        cluster.shutdown()
