@@ -12,6 +12,7 @@ not the chunk).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -34,7 +35,11 @@ from stages.write import PartWriter, SinkLost
 
 log = logging.getLogger(__name__)
 DECODE_RESERVE_CPUS = 1.0  # logical CPUs fused workers leave to the decode tasks
-MAX_DECODES = 4  # sources the fused chain decodes at once (each a few chunks ahead of the workers)
+# The fused chain gives a worker chunks several per call (at most MAX_PER_CALL, one after another)
+# while every chunk lately took it under this long, so that Ray's cost per call is shared; chunks of
+# real model work (seconds) still go one per call.
+CALL_SECONDS = 0.5
+MAX_PER_CALL = 8
 # glibc malloc settings for the job's workers (run.tune_malloc). With the defaults, every large
 # temporary went back to the kernel when freed and was faulted in, page by page, at the next call:
 # Whisper's attention scores (8 windows x 6 heads x 1500^2 floats, 432 MB), pyannote's SincNet batch
@@ -78,6 +83,12 @@ class StageWorker:
 
     def chain(self, chunk: bytes) -> ChunkSummary:
         return self.run([pickle.loads(chunk)])[0].summary()
+
+    def chain_many(self, *chunks: bytes) -> list[ChunkSummary]:
+        return [self.chain(c) for c in chunks]  # each through every stage before the next
+
+    def ready(self) -> None:
+        """Returns once the worker is up (its stages load their models with the first chunk)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
         chunks = self.run(_loads(batch))
@@ -134,9 +145,9 @@ def start_writers(config: PipelineConfig, workers: int, prior: dict[str, list[Ch
 
     from stages.speakers import link_source
 
-    d, w = config.diarize, config.write
+    d, w = getattr(config, "diarize", None), config.write  # a chain may have no diarize stage
     link = functools.partial(link_source, threshold=d.link_threshold, min_seconds=d.min_speaker_seconds,
-                             min_share=d.min_speaker_share) if d.link_chunks else None
+                             min_share=d.min_speaker_share) if d is not None and d.link_chunks else None
     n = config.run.writers or 1 + workers // 500
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(CorpusWriter).options(num_cpus=0, max_restarts=0, scheduling_strategy=here)
@@ -280,45 +291,88 @@ def _decode_source(source: Stage, uri: str) -> Iterator[bytes]:
 
 def fused_summaries(uris: list[str], source: Stage, op: Operator, max_retries: int) -> Iterator[ChunkSummary]:
     """The fused chain on Ray's task API: a streaming task per source decodes its chunks, at most
-    two ahead of what the driver has taken, and each of `op.min_actors` actors takes one chunk at a
-    time through every stage. A work queue needs none of Ray Data's planning: its scheduling loop
-    and three internal actors took 7.7 % of a core on top of what this runner and Ray's daemons
-    take (bench/bench_ray_overhead.py), 3.8 % of a 2-core machine that no model got. A chunk whose
-    worker died `max_retries` + 1 times is logged and left out: the caller records its source as
-    incomplete."""
+    two ahead of what the driver has taken, and each of `op.min_actors` actors takes its chunks
+    one at a time through every stage. Sources start decoding while the chunks decoded, or expected
+    from the decoders under way (an average source's, at least one more each), fall short of twice
+    the workers, and while the CPUs the workers leave free can run them: how many decode at once
+    follows the cluster, the sources' lengths and the backlog. While chunks take a worker under
+    CALL_SECONDS, it gets them several per call. A work queue needs none of Ray Data's planning:
+    its scheduling loop and three internal actors took 7.7 % of a core on top of what this runner
+    and Ray's daemons take (bench/bench_ray_overhead.py), 3.8 % of a 2-core machine that no model
+    got. Chunks whose worker died `max_retries` + 1 times are logged and left out: the caller
+    records their sources as incomplete. Driver cost per chunk: bench/bench_scale.py."""
     res = op.res
     worker = ray.remote(StageWorker).options(
         num_cpus=res.cpus, num_gpus=res.gpus or None, memory=worker_memory(res),
-        max_restarts=-1, max_task_retries=max_retries,  # the pool always gets its actor back; the bound is per chunk
+        max_restarts=-1, max_task_retries=max_retries,  # the pool always gets its actor back; the bound is per call
         scheduling_strategy="SPREAD")
     # Ray's streaming-generator backpressure (underscored, but the documented knob): a long
     # recording's chunks wait in the decoder instead of filling the object store.
-    decode = ray.remote(_decode_source).options(num_cpus=source.resources().cpus, max_retries=max_retries,
+    decode_cpus = source.resources().cpus
+    decode = ray.remote(_decode_source).options(num_cpus=decode_cpus, max_retries=max_retries,
                                                  num_returns="streaming", _generator_backpressure_num_objects=2)
     actors = [worker.remote(op.stages, True) for _ in range(op.min_actors)]
-    todo, decoding, decoded = list(reversed(uris)), {}, []  # decoding: insertion-ordered, oldest source first
-    idle, busy = list(actors), {}
+    # Decoders beyond twice what the free CPUs run would only wait in Ray's queue, and every
+    # ray.wait below pays for each one it is given.
+    free = ray.cluster_resources().get("CPU", 0.0) - len(actors) * res.cpus
+    max_decoders = 2 * max(1, int(free // decode_cpus)) if decode_cpus > 0 else len(uris)
+    backlog = 2 * len(actors)  # chunks decoded, or expected from the decoders under way
+    names = [s.name for s in op.stages]
+    source_ref = ray.put(source)  # pickled once, not once per input
+    todo = collections.deque(uris)
+    decoding: dict[Any, int] = {}  # decoder -> chunks taken from it
+    taken = finished = supplied = 0  # chunks taken from `decoding`; decoders done, and their chunks
+    decoded: collections.deque = collections.deque()  # chunk refs, oldest first
+    # A worker gets chunks once it is up: none wait behind a worker still starting while others idle.
+    starting = {actor.ready.remote(): actor for actor in actors}
+    idle, busy = collections.deque(), {}  # busy: result ref -> (its actor, chunks)
+    longest, per_call = CALL_SECONDS, 1  # the longest chunk lately (worker seconds, decaying), chunks per call
     try:
         while todo or decoding or decoded or busy:
-            while todo and len(decoding) < MAX_DECODES and len(decoding) + len(decoded) < 2 * len(actors):
-                decoding[decode.remote(source, todo.pop())] = None
+            per_source = supplied / finished if finished else 1.0
+            while todo and len(decoding) < max_decoders and \
+                    len(decoded) + max(len(decoding) * per_source - taken, len(decoding)) < backlog:
+                decoding[decode.remote(source_ref, todo.popleft())] = 0
             while idle and decoded:
-                actor = idle.pop()
-                busy[actor.chain.remote(decoded.pop(0))] = actor
-            # Chunks are taken from the decoders only while fewer wait than there are workers.
-            ready, _ = ray.wait(list(busy) + (list(decoding) if len(decoded) < len(actors) else []), num_returns=1)
+                n = min(per_call, max(1, len(decoded) // len(idle)))  # every idle worker gets some first
+                actor = idle.popleft()
+                ref = actor.chain.remote(decoded.popleft()) if n == 1 else \
+                    actor.chain_many.remote(*(decoded.popleft() for _ in range(n)))
+                busy[ref] = (actor, n)
+            # Chunks are taken from the decoders only while fewer wait than there are workers (what
+            # the object store holds). Not fetched here: a worker reads its chunks, the driver only
+            # their summaries.
+            waiting = [*busy, *starting, *decoding] if len(decoded) < len(actors) else [*busy, *starting]
+            ready, rest = ray.wait(waiting, num_returns=1, fetch_local=False)
+            if rest:  # and all else ready: a wait costs O(refs), shared by what it returns
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)[0]
             for ref in ready:
-                if ref in busy:
-                    idle.append(busy.pop(ref))
-                    try:
-                        yield ray.get(ref)
-                    except ray.exceptions.RayError as exc:
-                        log.warning("a chunk was lost after %d tries: %s", max_retries + 1, str(exc)[:500])
-                else:
+                if ref in starting:
+                    idle.append(starting.pop(ref))
+                    continue
+                if ref not in busy:  # a decoder: its next chunk, or its end
                     try:
                         decoded.append(next(ref))
-                    except StopIteration:
-                        del decoding[ref]
+                    except (StopIteration, ray.exceptions.RayError) as exc:
+                        if not isinstance(exc, StopIteration):  # its worker died max_retries + 1 times
+                            log.warning("a source's decoding was lost after %d tries: %s", max_retries + 1, str(exc)[:500])
+                        n = decoding.pop(ref)
+                        taken, finished, supplied = taken - n, finished + 1, supplied + n
+                    else:
+                        decoding[ref] += 1
+                        taken += 1
+                    continue
+                actor, n = busy.pop(ref)
+                idle.append(actor)
+                try:
+                    out = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    log.warning("%d chunk(s) lost after %d tries: %s", n, max_retries + 1, str(exc)[:500])
+                    continue
+                for summary in out if n > 1 else (out,):
+                    longest = max(sum(summary.timings.get(s, 0.0) for s in names), 0.99 * longest)
+                    yield summary
+                per_call = max(1, min(MAX_PER_CALL, int(CALL_SECONDS / max(longest, 1e-3))))
     finally:  # done, or stopped early: nothing keeps running on a cluster this did not start
         for gen in decoding:
             ray.cancel(gen, force=True)
@@ -371,9 +425,20 @@ def connected(address: str | None, config: PipelineConfig) -> Iterator[dict[str,
             ray.shutdown()
 
 
+STORAGE_VARIABLES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT")
+
+
+def storage_env() -> dict[str, str]:
+    """The standard object-store variables set here (AWS_*, Google's): workers on other nodes read
+    and write the same store without anyone exporting them there."""
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_VARIABLES)}
+
+
 def _init_ray(address: str | None, config: PipelineConfig) -> None:
-    # The job's runtime env: every worker process Ray starts for this run, on any node, gets it.
-    job = {"runtime_env": {"env_vars": MALLOC_ENV}} if config.run.tune_malloc else {}
+    # The job's runtime env: every worker process Ray starts for this run, on any node, gets it:
+    # the object store's settings as the driver has them, and the malloc settings.
+    env = {**storage_env(), **(MALLOC_ENV if config.run.tune_malloc else {})}
+    job = {"runtime_env": {"env_vars": env}} if env else {}
     if address:
         ray.init(address=address, log_to_driver=True, **job)
         return
@@ -384,7 +449,9 @@ def _init_ray(address: str | None, config: PipelineConfig) -> None:
     # (plan_operators says so). Threads per worker are set by each stage from its `cpus`.
     pools = config.run.fuse_stages is False or (config.run.fuse_stages is None and (config.run.num_gpus or 0) > 0)
     num_cpus = config.run.num_cpus or (2 * cores if pools else cores + int(DECODE_RESERVE_CPUS))
-    ray.init(num_cpus=num_cpus, num_gpus=config.run.num_gpus, include_dashboard=False, log_to_driver=True, **job)
+    # "local": a new instance even where a `ray start` cluster runs (plain init would join it)
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=config.run.num_gpus, include_dashboard=False,
+             log_to_driver=True, **job)
 
 
 def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig,
