@@ -180,6 +180,7 @@ def test_held_out_split_packed_val_and_unknown_training_data(tmp_path):
         (tmp_path / split).mkdir()
         for n in names:
             (tmp_path / split / n).write_bytes(b"")
+    (tmp_path / "pack.json").write_text("{}")  # a finished pack
     run_cfg = Config(data=DataConfig(eval_fraction=0.0))  # the run held nothing out of train/: val/ still is
     urls, how = ev.held_out_shards(str(tmp_path), run_cfg, True)
     assert urls == [str(tmp_path / "val" / "c.tar")] and "val/" in how and "unknown" not in how

@@ -126,3 +126,15 @@ def test_pack_command(tmp_path):
     assert len(list((tmp_path / "packed" / "train").glob("*.tar"))) >= 2
     bad = run_cli(["pack", str(tmp_path / "corpus"), "--output", str(tmp_path / "x"), "--shard-size", "huge"])
     assert bad.exit_code != 0 and "--shard-size" in bad.output
+
+
+def test_pack_as_ray_tasks_gives_the_same_bytes(ray_session, tmp_path):
+    """`pipeline pack --address`: each pass's tasks run on the cluster, the output is the same."""
+    from pipeline.ray_runner import task_mapper
+
+    make_corpus(tmp_path / "corpus", sources=4, chunks=2)
+    args = dict(shard_size=30_000, val_fraction=0.25, seed=3)
+    pack(str(tmp_path / "corpus"), str(tmp_path / "here"), **args)
+    with task_mapper(ray_session.get_runtime_context().gcs_address) as map_tasks:
+        pack(str(tmp_path / "corpus"), str(tmp_path / "tasks"), **args, map_tasks=map_tasks)
+    assert _tree(tmp_path / "here") == _tree(tmp_path / "tasks")
