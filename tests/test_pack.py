@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +9,8 @@ import pandas as pd
 import pytest
 
 from pipeline.pack import pack, parse_size
-from stages.corpus_format import CODES, JSON, Sample, sample_key
+from stages.corpus_format import CODES, JSON, OutputDir, Sample, sample_key
 from stages.corpus_parts import committed_parts
-from stages.corpus_format import OutputDir
 from train.testing import make_sample, write_corpus
 
 
