@@ -38,8 +38,9 @@ def committed_state(out: OutputDir) -> tuple[Any, dict[str, list[ChunkRecord]]]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    parts = committed_parts(out)
     groups = []
-    for _, t in read_parts(out, COMMITS, committed_parts(out), ["uri", "chunk", "last"]):
+    for _, t in read_parts(out, COMMITS, parts, ["uri", "chunk", "last"]):
         last = pc.if_else(t["last"], t["chunk"], pa.scalar(None, pa.int64()))
         t = pa.table({"uri": t["uri"], "chunk": t["chunk"], "last_chunk": last})
         groups.append(t.group_by("uri").aggregate([("chunk", "count"), ("last_chunk", "max")]))
@@ -50,7 +51,7 @@ def committed_state(out: OutputDir) -> tuple[Any, dict[str, list[ChunkRecord]]]:
     partial = j.filter(pc.invert(done))["uri"]
     prior: dict[str, list[ChunkRecord]] = {}
     if len(partial):
-        for _, part in read_parts(out, COMMITS, committed_parts(out)):
+        for _, part in read_parts(out, COMMITS, parts):
             for row in part.filter(pc.is_in(part["uri"], value_set=partial)).to_pylist():
                 r = ChunkRecord.from_row(row)
                 prior.setdefault(r.source_id, []).append(r)

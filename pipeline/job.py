@@ -38,7 +38,8 @@ def run_job(inputs: list[Input], config: PipelineConfig, address: str | None = N
         check_config(out, config, allow_config_change)
         done, prior = committed_state(out)
         todo = [i for i, new in zip(inputs, not_done([i.uri for i in inputs], done)) if new]
-        prior = {sid: recs for sid, recs in prior.items() if recs[0].uri in {i.uri for i in todo}}
+        todo_uris = {i.uri for i in todo}
+        prior = {sid: recs for sid, recs in prior.items() if recs[0].uri in todo_uris}
         print(f"[csm-corpus] {len(inputs)} inputs ({len(inputs) - len(todo)} already done"
               f"{f', {len(prior)} partly' if prior else ''}), output {out.uri()}{note}", file=sys.stderr, flush=True)
         extra = {**(extra or {}), "inputs_skipped_done": len(inputs) - len(todo), "inputs_resumed_partly": len(prior),

@@ -27,7 +27,7 @@ import json
 import re
 from typing import Any, Callable, Iterator
 
-from stages.corpus_format import CODES, CORPUS_MAP, SPEAKERS_DIR, TRAIN_SPLIT, VAL_SPLIT, OutputDir, table_bytes
+from stages.corpus_format import CODES, CORPUS_MAP, SPEAKERS_DIR, TRAIN_SPLIT, VAL_SPLIT, OutputDir, read_rows, table_bytes
 from stages.corpus_parts import COMMITS, PartFiles, committed_parts, layout_problem, part_of, read_parts
 from stages.write import END_OF_ARCHIVE
 
@@ -336,7 +336,7 @@ def pack(corpus: str, output: str, shard_size: int, val_fraction: float, seed: i
             dst.write_bytes(f"{SPEAKERS_DIR}/{name}", src.read_bytes(f"{SPEAKERS_DIR}/{name}"))
     if src.exists(CORPUS_MAP):
         dst.write_bytes(CORPUS_MAP, src.read_bytes(CORPUS_MAP))
-    dups = [r for name in dst.list(f"{WORK}/duplicates", ".parquet") for r in _read(dst, f"{WORK}/duplicates/{name}")]
+    dups = [r for name in dst.list(f"{WORK}/duplicates", ".parquet") for r in read_rows(dst, f"{WORK}/duplicates/{name}")]
     dst.write_bytes("duplicates.parquet", table_bytes(sorted(dups, key=lambda r: r["key"]), _schema("duplicates")))
     summary: dict[str, Any] = {**settings, "duplicates": len(dups), "windows": len(windows), "splits": {}}
     for name in SPLITS:
@@ -351,9 +351,3 @@ def _count_rows(src: OutputDir, parts: list[str]) -> int:
     import pyarrow.parquet as pq
 
     return sum(pq.ParquetFile(src.path(PartFiles(p).manifest), filesystem=src.fs).metadata.num_rows for p in parts)
-
-
-def _read(out: OutputDir, rel: str) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(out.path(rel), filesystem=out.fs).to_pylist()

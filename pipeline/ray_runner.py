@@ -474,7 +474,7 @@ def run_pipeline(uris: list[str], sizes: list[int], config: PipelineConfig,
     for stage in stages:
         if hasattr(stage, "sink"):  # the write stage: outputs go to the writer actors (pickled with it)
             stage.sink = WriterSink(writers)
-    skip = {r.uri: {x.chunk for x in records} for records in prior.values() for r in records[:1]}
+    skip = {records[0].uri: {r.chunk for r in records} for records in prior.values()}
     source = ResumedSource(source, skip) if skip else source
     if len(operators) == 1 and operators[0].fixed_pool:  # the fused chain: a work queue
         summaries = fused_summaries(uris, source, operators[0], max_retries)

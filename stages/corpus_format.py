@@ -8,6 +8,7 @@ Nothing here imports a model or a stage: the trainer reads samples with it alone
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -71,24 +72,31 @@ class OutputDir:
 
         return isinstance(self.fs, fs.LocalFileSystem)
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Atomically: on a local disk under a temporary name, then renamed; on an object store a PUT
-        already is (and a rename would be a copy)."""
+    @contextlib.contextmanager
+    def _atomic(self, rel: str):
+        """A stream whose object appears whole or not at all: on an object store a PUT already is (a
+        rename would be a copy); on a local disk it is written under a dot-prefixed temporary name
+        (ignored by readers) and renamed."""
         final = self.path(rel)
         if not self.local:
             with self.fs.open_output_stream(final) as f:
-                f.write(data)
+                yield f
             return
         head, tail = final.rsplit("/", 1)
         self.fs.create_dir(head, recursive=True)
-        tmp = f"{head}/.tmp-{uuid.uuid4().hex[:8]}-{tail}"  # dot-prefixed: ignored by readers and globs
+        tmp = f"{head}/.tmp-{uuid.uuid4().hex[:8]}-{tail}"
         try:
             with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
+                yield f
             self.fs.move(tmp, final)
         except BaseException:
-            self.fs.delete_file(tmp) if self.exists(tmp[len(self.root) + 1:]) else None
+            if os.path.exists(tmp):
+                os.remove(tmp)
             raise
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self._atomic(rel) as f:
+            f.write(data)
 
     def open_output(self, rel: str):
         """A stream to write `rel` in one go (multipart on an object store); not atomic on a local
@@ -98,15 +106,11 @@ class OutputDir:
         return self.fs.open_output_stream(self.path(rel))
 
     def put_file(self, rel: str, local_path: str) -> None:
-        """Copy a local file to `rel`, atomically (as write_bytes), streamed: for objects too large to hold."""
+        """Copy a local file to `rel`, atomically, streamed: for objects too large to hold."""
         import shutil
 
-        final = self.path(rel)
-        target = final if not self.local else f"{final.rsplit('/', 1)[0]}/.tmp-{uuid.uuid4().hex[:8]}-{final.rsplit('/', 1)[1]}"
-        with open(local_path, "rb") as src, self.fs.open_output_stream(target) as dst:
+        with open(local_path, "rb") as src, self._atomic(rel) as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
-        if self.local:
-            self.fs.move(target, final)
 
     def delete(self, rel: str) -> None:
         self.fs.delete_file(self.path(rel))
@@ -223,10 +227,11 @@ def rejection_schema():
     ])
 
 
-def manifest_row(sample: Sample, frames: int, shard: str | None = None) -> dict[str, Any]:
-    """A sample's manifest row: where it is (`shard`, set when its part is written), and its quality facts as columns."""
+def manifest_row(sample: Sample, frames: int) -> dict[str, Any]:
+    """A sample's manifest row: its quality facts as columns, and where it is (`shard`, set when its
+    part is written)."""
     return {
-        "key": sample.key, "shard": shard,
+        "key": sample.key, "shard": None,
         "source_id": sample.source.id, "source_uri": sample.source.uri, "chunk": sample.chunk,
         "start": sample.start, "end": sample.end, "duration": sample.end - sample.start, "frames": frames,
         "language": sample.language, "speaker_labels": sorted({u.speaker for u in sample.utterances}),
@@ -259,17 +264,6 @@ def error_schema():
     s = pa.string()
     return pa.schema([("uri", s), ("source_id", s), ("stage", s), ("error_type", s), ("message", s), ("chunk", pa.int64()),
                       ("traceback", s)])
-
-
-def error_table(records: Iterable[Any]) -> bytes:
-    """records.ErrorRecord -> an errors/*.parquet part (the same columns in every part)."""
-    return parquet_bytes([asdict(e) for e in records], error_schema())
-
-
-def read_error_table(data: bytes) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(io.BytesIO(data)).to_pylist()
 
 
 # ----------------------------------------------------------------------------- the commit record

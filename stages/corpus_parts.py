@@ -78,21 +78,10 @@ def layout_problem(out: OutputDir) -> str | None:
 
 def read_parts(out: OutputDir, sub: str, parts: list[str], columns: list[str] | None = None,
                threads: int = 8) -> Iterator[tuple[str, object]]:
-    """(part, pyarrow table) for each of `parts` that has an object in `sub`, in order, read on a
-    thread pool a bounded window ahead (parquet decoding releases the GIL; on an object store each
-    read is a GET): memory holds `threads` parts, whatever the corpus size."""
-    import pyarrow.parquet as pq
-
-    have = {part_of(n) for n in out.list(sub, ".parquet")}
-    todo = [p for p in parts if p in have]
-
-    def read(part: str):
-        return pq.read_table(out.path(sub, f"{PREFIX}{part}.parquet"), filesystem=out.fs, columns=columns, use_threads=False)
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for i in range(0, len(todo), threads):
-            window = todo[i:i + threads]
-            yield from zip(window, pool.map(read, window))
+    """(part, pyarrow table) for each of `parts` that has an object in `sub`, in order (read_part_tables)."""
+    for part, tables in read_part_tables(out, {sub: columns}, parts, threads):
+        if tables[sub] is not None:
+            yield part, tables[sub]
 
 
 def read_part_tables(out: OutputDir, subs: dict[str, list[str] | None], parts: list[str] | None = None,
